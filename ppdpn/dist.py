@@ -1,0 +1,149 @@
+"""Everything distributed: device choice, Fleet init, rank queries, collectives.
+
+No other module reads PADDLE_* or SLURM_* variables; no other module picks the device.
+This module imports nothing of the project.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+import paddle.distributed as pdist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"  # "cpu" or "gpu:<local_rank>"
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.device.startswith("gpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dali_device_id(self):
+        """DALI's device_id: the local GPU, or None for a CPU-only pipeline."""
+        return self.local_rank if self.use_gpu else None
+
+
+_CTX = DistContext()
+
+
+def gpu_count() -> int:
+    """GPUs Paddle can use (0 on the CPU build)."""
+    if not paddle.is_compiled_with_cuda():
+        return 0
+    try:
+        return paddle.device.cuda.device_count()
+    except Exception:  # a CUDA build without a driver
+        return 0
+
+
+def select_device(preference: str = "auto", local_rank: int = 0) -> str:
+    """The one place that chooses GPU or CPU for the model, DALI and AMP."""
+    n = gpu_count()
+    if preference == "gpu" and n == 0:
+        raise RuntimeError("Global.device=gpu but no GPU is visible to Paddle "
+                           "(CPU build installed, or CUDA_VISIBLE_DEVICES hides them)")
+    if preference == "cpu" or n == 0:
+        return "cpu"
+    return f"gpu:{local_rank % n}"
+
+
+def env_rank_world() -> tuple:
+    """(rank, world_size, local_rank) as set by paddle.distributed.launch."""
+    rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+    world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+    local = int(os.environ.get("PADDLE_LOCAL_RANK", os.environ.get("FLAGS_selected_gpus", rank) or 0))
+    return rank, world, local
+
+
+def init_distributed(device_preference: str = "auto") -> DistContext:
+    """Set the device and, under the launcher with >1 process, start Fleet collective."""
+    global _CTX
+    rank, world, local = env_rank_world()
+    device = select_device(device_preference, local)
+    paddle.set_device(device)
+    if world > 1:
+        from paddle.distributed import fleet
+        fleet.init(is_collective=True, strategy=build_strategy())
+    _CTX = DistContext(rank=rank, world_size=world, local_rank=local, device=device)
+    return _CTX
+
+
+def context() -> DistContext:
+    return _CTX
+
+
+def build_strategy():
+    """Fleet strategy: gradients all-reduced in fused 32 MB buckets (fewer NCCL calls)."""
+    from paddle.distributed import fleet
+    strategy = fleet.DistributedStrategy()
+    strategy.fuse_all_reduce_ops = True
+    strategy.fuse_grad_size_in_MB = 32
+    return strategy
+
+
+def wrap_model(model):
+    if _CTX.world_size == 1:
+        return model
+    from paddle.distributed import fleet
+    return fleet.distributed_model(model)
+
+
+def wrap_optimizer(optimizer):
+    if _CTX.world_size == 1:
+        return optimizer
+    from paddle.distributed import fleet
+    return fleet.distributed_optimizer(optimizer)
+
+
+def unwrap(model):
+    """The plain Layer inside a DataParallel wrapper."""
+    return getattr(model, "_layers", model)
+
+
+def all_reduce_sum(values) -> np.ndarray:
+    """Sum a float64 vector over ranks (gloo and NCCL both take SUM; AVG fails on gloo)."""
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if _CTX.world_size == 1:
+        return arr
+    t = paddle.to_tensor(arr)
+    pdist.all_reduce(t, op=pdist.ReduceOp.SUM)
+    return t.numpy()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (stop decisions)."""
+    return bool(all_reduce_sum([1.0 if flag else 0.0])[0] > 0)
+
+
+def barrier():
+    if _CTX.world_size > 1:
+        pdist.barrier()
+
+
+def average_buffers(model):
+    """Average BN running stats over ranks: DataParallel does not sync them."""
+    if _CTX.world_size == 1:
+        return
+    for buf in unwrap(model).buffers():
+        if buf.dtype in (paddle.float32, paddle.float64, paddle.float16):
+            pdist.all_reduce(buf, op=pdist.ReduceOp.SUM)
+            buf.set_value(buf / _CTX.world_size)
+
+
+def broadcast_params(model):
+    """Make every rank start from rank 0's weights and buffers."""
+    if _CTX.world_size == 1:
+        return
+    for t in list(unwrap(model).parameters()) + list(unwrap(model).buffers()):
+        pdist.broadcast(t, src=0)

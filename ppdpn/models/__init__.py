@@ -1,0 +1,12 @@
+"""`create_model(name, num_classes=1000, pretrained=None)` and `list_models()`."""
+from ppdpn.models.registry import get_model_fn, list_models, register_model  # noqa: F401
+from ppdpn.models import densenet, dpn  # noqa: F401  (fill the registry)
+
+
+def create_model(name: str, num_classes: int = 1000, pretrained=None, **kwargs):
+    """Build a registered model; `pretrained` is a local .pdparams or own checkpoint."""
+    model = get_model_fn(name)(num_classes=num_classes, **kwargs)
+    if pretrained:
+        from ppdpn.models.weights import load_pretrained
+        load_pretrained(model, pretrained, name=name)
+    return model
