@@ -1,0 +1,210 @@
+"""One checkpoint format, one atomic save, verified loads and auto-resume.
+
+Layout under `<output_dir>/checkpoints/`:
+  ckpt-<global_step>.pdckpt   pickled dict of numpy arrays and plain Python values
+  ckpt-<global_step>.json     its size and sha256 (written after the data, so a file
+                              without a matching record is never trusted)
+  latest                      name of the newest complete checkpoint
+  best.pdckpt (+ .json)       the checkpoint with the best eval top-1
+A new checkpoint is complete before any older one is deleted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import paddle
+
+CKPT_RE = re.compile(r"^ckpt-(\d+)\.pdckpt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted or written; the message names the file."""
+
+
+# ---------------------------------------------------------------- atomic files
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write aside, fsync, rename: a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+    _fsync_dir(path.parent)
+
+
+def _record(data: bytes) -> dict:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+# ---------------------------------------------------------------- state conversion
+
+def to_numpy_tree(obj):
+    """Tensors -> numpy arrays, recursively, so the pickle holds no Paddle objects."""
+    if isinstance(obj, (paddle.Tensor,)):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: to_numpy_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_numpy_tree(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def optimizer_state(optimizer, model) -> dict:
+    """Optimizer state keyed by structured parameter names, not Paddle's generated
+    names (`conv2d_7.w_0`), which change with the order layers were created in."""
+    names = {p.name: n for n, p in model.named_parameters()}
+    state = to_numpy_tree(optimizer.state_dict())
+    out = {}
+    for key, value in state.items():
+        if key == "master_weights":
+            out[key] = {names.get(k, k): v for k, v in value.items()}
+        else:
+            out[_rename(key, names)] = value
+    return out
+
+
+def load_optimizer_state(optimizer, model, state: dict) -> None:
+    names = {n: p.name for n, p in model.named_parameters()}
+    restored = {}
+    for key, value in state.items():
+        if key == "master_weights":
+            restored[key] = {names.get(k, k): paddle.to_tensor(v) for k, v in value.items()}
+        elif isinstance(value, np.ndarray):
+            restored[_rename(key, names)] = paddle.to_tensor(value)
+        else:
+            restored[_rename(key, names)] = value
+    optimizer.set_state_dict(restored)
+
+
+def _rename(key: str, mapping: dict) -> str:
+    """Replace the longest parameter-name prefix of an accumulator key."""
+    best = ""
+    for old in mapping:
+        if key.startswith(old + "_") and len(old) > len(best):
+            best = old
+    return mapping[best] + key[len(best):] if best else key
+
+
+# ---------------------------------------------------------------- save / load
+
+def save_checkpoint(state: dict, ckpt_dir, keep_last: int = 3, is_best: bool = False) -> Path:
+    """Save `state` (must hold 'global_step') as the newest checkpoint; prune old ones."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create checkpoint directory {ckpt_dir}: {e.strerror}") from e
+    data = pickle.dumps(to_numpy_tree(state), protocol=4)
+    name = f"ckpt-{int(state['global_step']):08d}.pdckpt"
+    path = ckpt_dir / name
+    record = {**_record(data), "global_step": int(state["global_step"]),
+              "epoch": int(state.get("epoch", 0)), "metric": state.get("best_metric")}
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(record).encode())
+    atomic_write_bytes(ckpt_dir / "latest", name.encode())
+    if is_best:
+        atomic_write_bytes(ckpt_dir / "best.pdckpt", data)
+        atomic_write_bytes(ckpt_dir / "best.json", json.dumps(record).encode())
+    _prune(ckpt_dir, keep_last)
+    return path
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        for p in (old, old.with_suffix(".json")):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def list_checkpoints(ckpt_dir) -> list:
+    """Step-numbered checkpoint files, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(path) -> Optional[str]:
+    """None if `path` matches its recorded size and sha256, else the reason."""
+    path = Path(path)
+    meta = path.with_suffix(".json")
+    if not path.is_file():
+        return "file is missing"
+    if not meta.is_file():
+        return f"no integrity record {meta.name} (save never completed)"
+    try:
+        record = json.loads(meta.read_text())
+        data = path.read_bytes()
+    except (OSError, ValueError) as e:
+        return f"unreadable ({e})"
+    if len(data) != record.get("size"):
+        return f"size {len(data)} != recorded {record.get('size')} (truncated or overwritten)"
+    if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+        return "sha256 differs from the recorded one (corrupted)"
+    return None
+
+
+def load_checkpoint(path, verify: bool = True) -> dict:
+    """Load a checkpoint without executing code from it; refuse corrupted files."""
+    from ppdpn.models.weights import safe_load
+
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no valid checkpoint in {path}")
+        path = found
+    if verify and path.with_suffix(".json").is_file():
+        reason = verify_checkpoint(path)
+        if reason:
+            raise CheckpointError(f"checkpoint {path} is not valid: {reason}")
+    state = safe_load(str(path))
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a ppdpn checkpoint (no 'model' entry)")
+    return state
+
+
+def latest_checkpoint(out_or_ckpt_dir, log=print) -> Optional[Path]:
+    """Newest checkpoint that verifies; corrupted ones are reported and skipped."""
+    d = Path(out_or_ckpt_dir)
+    if (d / "checkpoints").is_dir():
+        d = d / "checkpoints"
+    for path in reversed(list_checkpoints(d)):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path
+        log(f"[checkpoint] skipping {path}: {reason}")
+    return None

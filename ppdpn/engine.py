@@ -1,0 +1,173 @@
+"""train_one_epoch() and evaluate(): the only place that runs autocast and the scaler."""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from ppdpn import dist
+from ppdpn.config import AMPConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """Loss became NaN/inf (fp32) or AMP skipped too many steps in a row."""
+
+
+@dataclass
+class Amp:
+    """One AMP path: the autocast context and the scaler, built once from config."""
+    enabled: bool
+    level: str
+    dtype: str
+    scaler: Optional[paddle.amp.GradScaler]
+    eval_fp32: bool
+
+    def autocast(self, training: bool = True):
+        if not self.enabled or (not training and self.eval_fp32):
+            return nullcontext()
+        return paddle.amp.auto_cast(enable=True, level=self.level, dtype=self.dtype)
+
+    def loss_scale(self) -> float:
+        return float(self.scaler._scale.item()) if self.scaler is not None else 1.0
+
+
+def build_amp(cfg: AMPConfig, use_gpu: bool, log=print) -> Amp:
+    if cfg.use_amp and not use_gpu:
+        # Paddle registers no fp16/bf16 conv/BN kernels on CPU: autocast is a no-op there.
+        log("[amp] AMP requested but the device is CPU: Paddle runs it as a no-op; training in fp32")
+    enabled = cfg.use_amp and use_gpu
+    scaler = None
+    if enabled and cfg.dtype == "float16":  # bf16 has fp32's range: no loss scaling needed
+        scaler = paddle.amp.GradScaler(init_loss_scaling=cfg.scale_loss,
+                                       use_dynamic_loss_scaling=cfg.use_dynamic_loss_scaling)
+    return Amp(enabled, cfg.level, cfg.dtype, scaler, cfg.eval_fp32)
+
+
+def soft_cross_entropy(logits, targets, valid):
+    """Mean over valid samples of -sum(t * log_softmax); padding rows weigh zero."""
+    logp = F.log_softmax(logits.astype("float32"), axis=-1)
+    per_sample = -(targets * logp).sum(axis=-1)
+    return (per_sample * valid).sum() / paddle.clip(valid.sum(), min=1.0)
+
+
+@dataclass
+class TrainState:
+    """What the loop advances and the checkpoint restores."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float = -1.0
+    skipped_in_a_row: int = 0
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class StepWindow:
+    """Device-side sums between progress lines, so a step needs no host sync."""
+    loss_sum: object = None
+    count: int = 0
+    bad_steps: object = None
+
+    def add(self, loss, finite):
+        bad = paddle.logical_not(finite).astype("float32")
+        self.loss_sum = loss.detach() if self.loss_sum is None else self.loss_sum + loss.detach()
+        self.bad_steps = bad if self.bad_steps is None else self.bad_steps + bad
+        self.count += 1
+
+
+def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: TrainState, *,
+                    num_classes: int, mix: Callable, seed: int, label_smoothing: float,
+                    mixup_alpha: float, cutmix_alpha: float, print_interval: int,
+                    max_skipped: int, should_stop: Callable[[], bool], on_step: Callable,
+                    log_progress: Callable, max_steps: int = 0) -> str:
+    """Train until the epoch ends ('epoch_end'), a stop is agreed ('stopped') or
+    max_steps is reached ('max_steps')."""
+    model.train()
+    window, t_data, t_compute = StepWindow(), 0.0, 0.0
+    tick = time.perf_counter()
+    for images, labels, valid in loader.epoch(state.epoch, start_step=state.step_in_epoch):
+        t0 = time.perf_counter()
+        t_data += t0 - tick
+        # Augmentation randomness depends only on (seed, epoch, step): exact on resume.
+        rng = np.random.default_rng([seed, state.epoch, state.step_in_epoch])
+        images, targets = mix(images, labels, num_classes, mixup_alpha, cutmix_alpha,
+                              label_smoothing, rng)
+        with amp.autocast(training=True):
+            logits = model(images)
+        loss = soft_cross_entropy(logits, targets, valid)
+        if amp.scaler is not None:
+            amp.scaler.scale(loss).backward()
+            amp.scaler.step(optimizer)  # skips the update on inf/nan grads
+            finite = paddle.logical_not(amp.scaler._found_inf)
+            amp.scaler.update()
+        else:
+            finite = paddle.isfinite(loss)
+            loss.backward()
+            optimizer.step()
+        optimizer.clear_grad()
+        lr_scheduler.step()
+        window.add(loss, finite)
+        state.step_in_epoch += 1
+        state.global_step += 1
+        t_compute += (tick := time.perf_counter()) - t0
+        last = state.step_in_epoch == loader.steps_per_epoch
+        if window.count == print_interval or last:
+            _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compute)
+            window, t_data, t_compute = StepWindow(), 0.0, 0.0
+        on_step(state)
+        if max_steps and state.global_step >= max_steps:
+            return "max_steps"
+        if should_stop():
+            return "stopped"
+    return "epoch_end"
+
+
+def _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compute):
+    """The one host sync per print interval: reduce, check finiteness, report."""
+    bad = float(window.bad_steps.item())
+    loss_mean = float(window.loss_sum.item()) / window.count
+    sums = dist.all_reduce_sum([loss_mean, bad, t_data, t_compute])
+    world = dist.context().world_size
+    if amp.scaler is None and sums[1] > 0:
+        raise NonFiniteLossError(
+            f"non-finite loss within steps {state.global_step - window.count + 1}.."
+            f"{state.global_step}; lower Optimizer.lr.learning_rate, add warmup "
+            f"(Optimizer.lr.warmup_epoch) or check the data")
+    if amp.scaler is not None and sums[1] > 0:
+        state.skipped_in_a_row += int(bad)
+        log_progress(state, None, {"skipped_steps": int(bad)})
+        if state.skipped_in_a_row >= max_skipped:
+            raise NonFiniteLossError(
+                f"AMP skipped {state.skipped_in_a_row} steps in a row (overflow) up to step "
+                f"{state.global_step}; raise Global.max_skipped_steps or lower the LR")
+    else:
+        state.skipped_in_a_row = 0
+    log_progress(state, window.count, {"loss": sums[0] / world, "data_s": sums[2] / world,
+                                       "compute_s": sums[3] / world,
+                                       "loss_scale": amp.loss_scale()})
+
+
+@paddle.no_grad()
+def evaluate(model, loader, amp: Amp) -> dict:
+    """Loss, top-1 and top-5 over every val image once; padding is not counted."""
+    model.eval()
+    sums = None
+    for images, labels, valid in loader.epoch(0):
+        with amp.autocast(training=False):
+            logits = model(images)
+        logits = logits.astype("float32")
+        loss = F.cross_entropy(logits, labels.unsqueeze(-1), reduction="none").reshape([-1])
+        k = min(5, logits.shape[-1])
+        topk = paddle.topk(logits, k=k, axis=-1)[1]
+        hit = (topk == labels.unsqueeze(-1)).astype("float32")
+        batch = paddle.stack([(loss * valid).sum(), (hit[:, 0] * valid).sum(),
+                              (hit.sum(axis=-1) * valid).sum(), valid.sum()])
+        sums = batch if sums is None else sums + batch
+    total = dist.all_reduce_sum(sums.numpy())
+    n = max(total[3], 1.0)
+    return {"top1": total[1] / n, "top5": total[2] / n, "loss": total[0] / n, "images": int(total[3])}

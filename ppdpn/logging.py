@@ -1,0 +1,123 @@
+"""Rank-0 reporting: progress lines, train.log, metrics.jsonl, VisualDL, the curve plot."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+class RunLogger:
+    """Everything a run reports. On ranks other than 0 every method does nothing."""
+
+    def __init__(self, out_dir, enabled: bool, use_visualdl: bool = True):
+        self.enabled = enabled
+        self.out = Path(out_dir)
+        self.tty = sys.stdout.isatty()
+        self.writer = None
+        self._file = None
+        if not enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.out / "train.log", "a", buffering=1)
+        if use_visualdl:
+            from visualdl import LogWriter
+            self.writer = LogWriter(logdir=str(self.out / "vdl"))
+
+    # -------------------------------------------------------------- text
+    def info(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            sys.stdout.write("\r\033[K")
+        print(msg, flush=True)
+        self._file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+
+    def progress(self, *, epoch, epochs, step, steps, global_step, total_steps, loss, lr,
+                 img_s, data_frac, loss_scale, elapsed, done_in_run):
+        if not self.enabled:
+            return
+        eta = elapsed / max(done_in_run, 1) * (total_steps - global_step)
+        line = (f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss:.4f} "
+                f"lr {lr:.5f} {img_s:.1f} img/s data {100 * data_frac:.0f}% "
+                f"scale {loss_scale:g} ETA {_fmt_time(eta)}")
+        self._file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+        if self.tty:  # a one-line bar that rewrites itself
+            width = 30
+            filled = int(width * step / max(steps, 1))
+            sys.stdout.write("\r\033[K[" + "#" * filled + "." * (width - filled) + "] " + line)
+            sys.stdout.flush()
+        else:
+            print(line, flush=True)
+        self.scalars("train", global_step, {"loss": loss, "lr": lr, "img_per_s": img_s,
+                                            "loss_scale": loss_scale})
+
+    # -------------------------------------------------------------- structured
+    def scalars(self, prefix: str, step: int, values: dict) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if v is not None and np.isfinite(v):
+                self.writer.add_scalar(tag=f"{prefix}/{k}", step=int(step), value=float(v))
+
+    def epoch_record(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def text(self, tag: str, text: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag=tag, step=0, text_string=text)
+
+    def images(self, tag: str, batch_chw: np.ndarray, mean, std, limit: int = 4) -> None:
+        """A few (augmented) input images, de-normalised to uint8 HWC."""
+        if self.writer is None:
+            return
+        for i, chw in enumerate(batch_chw[:limit]):
+            hwc = chw.transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
+            img = np.clip(hwc * 255.0, 0, 255).astype(np.uint8)
+            self.writer.add_image(tag=f"{tag}/{i}", img=img, step=0)
+
+    def plot_curves(self) -> Path | None:
+        """loss, LR and top-1 per epoch from metrics.jsonl into curves.png."""
+        path = self.out / "metrics.jsonl"
+        if not self.enabled or not path.is_file():
+            return None
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows:
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+        ep = [r["epoch"] for r in rows]
+        for ax, key, title in zip(axes, ("train_loss", "lr", "eval_top1"),
+                                  ("train loss", "learning rate (end of epoch)", "eval top-1")):
+            pts = [(e, r[key]) for e, r in zip(ep, rows) if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o")
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+        fig.tight_layout()
+        out = self.out / "curves.png"
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        return out
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,165 @@
+"""Train or evaluate a DPN / DenseNet on ImageNet-style data. The recipe, top to bottom.
+
+    python -m paddle.distributed.launch train.py -c configs/dpn68.yaml [-o Section.key=value ...]
+    python train.py -c configs/demo.yaml --eval-only -o Global.pretrained_model=PATH
+
+Exit codes: 0 done; 2 bad config or input; 3 non-finite loss; 4 checkpoint could not be
+written; 75 stopped by SIGUSR1/SIGTERM after checkpointing ("please requeue").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+import numpy as np
+import paddle
+
+from ppdpn import dist
+from ppdpn.checkpoint import CheckpointError
+from ppdpn.config import ConfigError, load_config, save_resolved
+from ppdpn.engine import NonFiniteLossError, TrainState, build_amp, evaluate, train_one_epoch
+from ppdpn.logging import RunLogger
+from ppdpn.models import create_model
+from ppdpn.optim import ScheduleLR, build_optimizer, build_schedule, lr_scale
+from ppdpn import session
+
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_SAVE, EXIT_REQUEUE = 2, 3, 4, 75
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-c", "--config", required=True, help="YAML recipe, e.g. configs/dpn68.yaml")
+    p.add_argument("-o", "--override", action="append", nargs="+", default=[],
+                   metavar="Section.key=value", help="override a config value (YAML-parsed)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate Global.pretrained_model and exit")
+    p.add_argument("--benchmark", action="store_true", help="time training steps; print one JSON line")
+    p.add_argument("--real-data", action="store_true", help="with --benchmark: use the real loader")
+    args = p.parse_args(argv)
+    args.override = [o for group in args.override for o in group]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.override)
+    ctx = dist.init_distributed(cfg.Global.device)
+    session.seed_everything(cfg.Global.seed, cfg.Global.deterministic)
+    log = RunLogger(cfg.Global.output_dir, ctx.is_main, use_visualdl=cfg.Global.visualdl and not args.eval_only)
+    log.info(f"[run] rank {ctx.rank}/{ctx.world_size} on {ctx.device}; config {args.config}")
+
+    model = create_model(cfg.Arch.name, num_classes=cfg.Arch.class_num,
+                         pretrained=cfg.Global.pretrained_model,
+                         recompute=cfg.Arch.recompute, data_format=cfg.Arch.data_format)
+    amp = build_amp(cfg.AMP, ctx.use_gpu, log=log.info)
+
+    if args.benchmark:
+        from ppdpn.benchmark import run_benchmark
+        print(json.dumps(run_benchmark(cfg, model, amp, ctx, real_data=args.real_data)))
+        return 0
+
+    from ppdpn.data import build_loader
+    val_loader = build_loader(cfg.DataLoader, "val", ctx, cfg.Global.seed)
+    if args.eval_only:
+        dist.broadcast_params(model)
+        metrics = evaluate(dist.wrap_model(model), val_loader, amp)
+        print(json.dumps(metrics), flush=True)
+        return 0
+
+    train_loader = build_loader(cfg.DataLoader, "train", ctx, cfg.Global.seed)
+    global_batch = cfg.DataLoader.batch_size * ctx.world_size
+    schedule = build_schedule(cfg.Optimizer.lr, cfg.Global.epochs, train_loader.steps_per_epoch, global_batch)
+    derived = {"world_size": ctx.world_size, "global_batch": global_batch,
+               "lr_scale": lr_scale(cfg.Optimizer.lr, global_batch), "base_lr": schedule.base_lr,
+               "steps_per_epoch": train_loader.steps_per_epoch, "train_images": train_loader.num_samples}
+    log.info("[run] derived: " + json.dumps(derived))
+
+    multi_precision = amp.enabled
+    state = TrainState()
+    lr_sched = ScheduleLR(schedule)
+    optimizer = build_optimizer(model, cfg.Optimizer, lr_sched, multi_precision)
+    if amp.enabled and amp.level == "O2":  # fp16/bf16 weights with fp32 master copies
+        model, optimizer = paddle.amp.decorate(model, optimizer, level="O2", dtype=amp.dtype)
+    resumed = session.resume(cfg, model, optimizer, amp, state, log=log.info)
+    lr_sched.last_epoch = state.global_step - 1
+    lr_sched.step()  # recompute the LR for the resumed step
+    if ctx.is_main:
+        save_resolved(cfg, cfg.Global.output_dir, {**derived, "resumed_from": resumed})
+        log.text("config", json.dumps(cfg.to_dict(), indent=1))
+    dist.broadcast_params(model)
+    model_dp, optimizer = dist.wrap_model(model), dist.wrap_optimizer(optimizer)
+
+    stopper = session.StopSignal(signal.SIGUSR1, signal.SIGTERM)
+    return fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader,
+               val_loader, stopper, log)
+
+
+def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader, val_loader,
+        stopper, log) -> int:
+    """Epochs of train / eval / checkpoint until done, stopped or failed."""
+    from ppdpn.data import mix_batch
+    g = cfg.Global
+    saver = session.Saver(cfg, model, optimizer, amp, log)
+    clock = session.Progress(cfg, train_loader, lr_sched, state, log)
+    if state.global_step == 0:
+        session.log_sample_images(train_loader, log, cfg)
+    metrics = None
+    try:
+        while state.epoch < g.epochs:
+            outcome = train_one_epoch(
+                model_dp, train_loader, optimizer, lr_sched, amp, state,
+                num_classes=cfg.Arch.class_num, mix=mix_batch, seed=g.seed,
+                label_smoothing=cfg.Loss.label_smoothing, mixup_alpha=cfg.DataLoader.mixup_alpha,
+                cutmix_alpha=cfg.DataLoader.cutmix_alpha, print_interval=g.print_interval,
+                max_skipped=g.max_skipped_steps, should_stop=lambda: dist.any_rank(stopper.flag),
+                on_step=saver.maybe_save_steps, log_progress=clock.report, max_steps=g.max_steps)
+            if outcome == "stopped":
+                saver.save(state, reason=f"signal {stopper.name}")
+                log.info(f"[run] stopped by {stopper.name} at step {state.global_step}; "
+                         f"checkpointed, exit {EXIT_REQUEUE} (requeue)")
+                return EXIT_REQUEUE
+            if outcome == "epoch_end":
+                state.epoch += 1
+                state.step_in_epoch = 0
+            last = state.epoch >= g.epochs or outcome == "max_steps"
+            metrics = None
+            if last or state.epoch % g.eval_interval == 0:
+                dist.average_buffers(model)
+                metrics = evaluate(model_dp, val_loader, amp)
+                log.scalars("eval", state.global_step, {k: metrics[k] for k in ("loss", "top1", "top5")})
+            clock.end_epoch(metrics)
+            is_best = metrics is not None and metrics["top1"] > state.best_metric
+            if is_best:
+                state.best_metric = metrics["top1"]
+            if last or state.epoch % g.save_interval == 0 or is_best:
+                saver.save(state, is_best=is_best)
+            if outcome == "max_steps":
+                break
+    except NonFiniteLossError as e:
+        log.info(f"[error] {e}. No checkpoint was written after the last good one.")
+        return EXIT_NONFINITE
+    except CheckpointError as e:
+        log.info(f"[error] {e}")
+        return EXIT_SAVE
+    finally:
+        stopper.restore()
+    if metrics is None:
+        dist.average_buffers(model)
+        metrics = evaluate(model_dp, val_loader, amp)
+    plot = log.plot_curves()
+    log.info(f"[run] done: checkpoints in {saver.ckpt_dir}, VisualDL logs in "
+             f"{cfg.Global.output_dir}/vdl, curves {plot}")
+    log.close()
+    if ctx.is_main:
+        print(json.dumps(metrics), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
