@@ -187,7 +187,11 @@ def load_checkpoint(path, verify: bool = True) -> dict:
         if found is None:
             raise CheckpointError(f"no valid checkpoint in {path}")
         path = found
-    if verify and path.with_suffix(".json").is_file():
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    # Step-numbered files always have a record; other files (copies, best.pdckpt without
+    # its .json) are loaded unverified but still through the safe unpickler.
+    if verify and (path.with_suffix(".json").is_file() or CKPT_RE.match(path.name)):
         reason = verify_checkpoint(path)
         if reason:
             raise CheckpointError(f"checkpoint {path} is not valid: {reason}")

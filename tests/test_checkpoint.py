@@ -45,7 +45,7 @@ def test_torn_checkpoint_is_detected_and_resume_falls_back(tmp_path, damage):
         newest.with_suffix(".json").unlink()
     assert verify_checkpoint(newest) is not None
     with pytest.raises(CheckpointError, match=newest.name):
-        load_checkpoint(newest) if damage != "no_record" else load_checkpoint(tmp_path / "nope.pdckpt")
+        load_checkpoint(newest)
     logged = []
     assert latest_checkpoint(tmp_path, log=logged.append).name == "ckpt-00000001.pdckpt"
     assert newest.name in logged[0]
@@ -73,10 +73,16 @@ def test_loading_refuses_code_in_the_pickle(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    path = tmp_path / "ckpt-00000001.pdckpt"
-    path.write_bytes(pickle.dumps({"model": Evil(), "global_step": 1}))
+    import hashlib
+    data = pickle.dumps({"model": Evil(), "global_step": 1})
+    path = tmp_path / "ckpt-00000001.pdckpt"  # a crafted file with a matching record
+    path.write_bytes(data)
+    path.with_suffix(".json").write_text(json.dumps(
+        {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
     with pytest.raises(Exception, match="system"):
         load_checkpoint(path)
+    with pytest.raises(Exception, match="system"):
+        load_checkpoint(tmp_path)
     assert not marker.exists()
 
 
