@@ -153,4 +153,4 @@ def DenseNet264(**kwargs) -> DenseNet:
 @register_model
 def DenseNetTiny(**kwargs) -> DenseNet:
     """Not a published model: a small DenseNet for the CPU demo and fast tests."""
-    return DenseNet(stem_channels=24, growth=12, block_config=(2, 2, 2, 2), **kwargs)
+    return DenseNet(stem_channels=16, growth=16, block_config=(1, 2, 4, 8), **kwargs)
