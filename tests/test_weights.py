@@ -111,6 +111,17 @@ def test_unexpected_key_is_refused(tmp_path):
     assert "unexpected keys: extra.weight [3]" in message
 
 
+def test_other_family_is_refused_with_a_bounded_listing(tmp_path):
+    paddle.save(create_model("DenseNetTiny", num_classes=10).state_dict(), str(tmp_path / "d.pdparams"))
+    with pytest.raises(ValueError) as error:
+        create_model("DPNTiny", num_classes=10, pretrained=str(tmp_path / "d.pdparams"))
+    message = str(error.value)
+    assert "missing keys: blocks.0.proj.bn.weight [16]," in message
+    assert "unexpected keys: blocks.0.layers.0.reduce.bn.weight [16]," in message
+    assert "wrong shapes: stem.conv.weight: file [16, 3, 7, 7] vs model [16, 3, 3, 3]" in message
+    assert message.count(" more") == 2 and len(message) < 4000
+
+
 def test_other_class_count_loads_all_but_the_classifier(tmp_path, caplog):
     file_state = random_paddleclas_file("DPN68", tmp_path / "w.pdparams")
     model = create_model("DPN68", num_classes=10)

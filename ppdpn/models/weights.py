@@ -48,7 +48,8 @@ def _array_constructors() -> Dict[Tuple[str, str], Any]:
 
 class _ArrayUnpickler(pickle.Unpickler):
     def __init__(self, file, path: str):
-        super().__init__(file)
+        # latin1, as paddle.load: protocol-2 files from Python 2 hold array bytes as str
+        super().__init__(file, encoding="latin1")
         self.path = path
         self.allowed = _array_constructors()
 
@@ -87,12 +88,12 @@ _DENSENET_RULES: List[Tuple[str, Callable]] = [
 _UNIT_NAMES = {"bn.": "_batch_norm.", "conv.": "_conv."}
 
 
-def _rules_for(model: paddle.nn.Layer) -> List[Tuple[str, Callable]]:
+def _rules_for(model: paddle.nn.Layer, name: Optional[str] = None) -> List[Tuple[str, Callable]]:
     if isinstance(model, DPN):
         return _DPN_RULES
     if isinstance(model, DenseNet):
         return _DENSENET_RULES
-    raise TypeError(f"no PaddleClas layout known for {type(model).__name__}")
+    raise TypeError(f"no PaddleClas layout known for {name or type(model).__name__}")
 
 
 def paddleclas_key(key: str, rules: List[Tuple[str, Callable]]) -> str:
@@ -108,16 +109,15 @@ def paddleclas_key(key: str, rules: List[Tuple[str, Callable]]) -> str:
     raise KeyError(f"no PaddleClas name for {key!r}")
 
 
-def paddleclas_key_map(model: paddle.nn.Layer) -> Dict[str, str]:
+def paddleclas_key_map(model: paddle.nn.Layer, name: Optional[str] = None) -> Dict[str, str]:
     """Our key -> PaddleClas key for every entry of model.state_dict(), in order."""
-    rules = _rules_for(model)
+    rules = _rules_for(model, name)
     return {key: paddleclas_key(key, rules) for key in model.state_dict()}
 
 
 def to_paddleclas_state_dict(model: paddle.nn.Layer, name: Optional[str] = None) -> Dict:
     """The model's weights under PaddleClas's keys, ready for paddle.save (numpy values)."""
-    del name  # the layout follows from the model's class; kept for a symmetric call site
-    key_map = paddleclas_key_map(model)
+    key_map = paddleclas_key_map(model, name)  # the layout follows from the model's class
     return OrderedDict((key_map[k], v.numpy()) for k, v in model.state_dict().items())
 
 
@@ -138,14 +138,34 @@ def _shape(a) -> List[int]:
     return list(a.shape)
 
 
-def _compare(model_state: Dict, weights: Dict, label: Callable[[str], str]):
-    """(missing, unexpected, wrong shape) descriptions, each naming the key and shape."""
+def _listing(title: str, items: List[str], limit: int = 20) -> str:
+    """'title: a [1], b [2]' with at most `limit` items (a wrong model can miss hundreds)."""
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{title}: {', '.join(items[:limit])}{more}" if items else ""
+
+
+def _check_keys(model_state: Dict, weights: Dict, label: Callable[[str], str],
+                where: str) -> List[str]:
+    """Raise naming every missing, unexpected or wrongly shaped key; return the keys to skip.
+
+    Only a classifier sized for another number of classes (same input width) is skipped.
+    """
     missing = [f"{label(k)} {_shape(v)}" for k, v in model_state.items() if k not in weights]
     unexpected = [f"{k} {_shape(v)}" for k, v in weights.items() if k not in model_state]
     wrong = {k: f"{label(k)}: file {_shape(weights[k])} vs model {_shape(v)}"
              for k, v in model_state.items()
              if k in weights and _shape(weights[k]) != _shape(v)}
-    return missing, unexpected, wrong
+    weight, bias = CLASSIFIER_KEYS
+    skipped = []
+    if (weight in wrong and bias in wrong
+            and weights[weight].shape[0] == model_state[weight].shape[0]):
+        skipped = [weight, bias]
+    wrong_listed = [v for k, v in wrong.items() if k not in skipped]
+    if missing or unexpected or wrong_listed:
+        problems = [_listing("missing keys", missing), _listing("unexpected keys", unexpected),
+                    _listing("wrong shapes", wrong_listed)]
+        raise ValueError(f"cannot load {where}: " + "; ".join(p for p in problems if p))
+    return skipped
 
 
 def load_pretrained(model: paddle.nn.Layer, path, name: Optional[str] = None) -> List[str]:
@@ -159,25 +179,14 @@ def load_pretrained(model: paddle.nn.Layer, path, name: Optional[str] = None) ->
     name = name or type(model).__name__
     weights = _weights_in(safe_load(path), path)
     model_state = model.state_dict()
-    key_map = paddleclas_key_map(model)
+    key_map = paddleclas_key_map(model, name)
     theirs_to_ours = {v: k for k, v in key_map.items()}
-    in_paddleclas_layout = (sum(k in theirs_to_ours for k in weights)
-                            > sum(k in model_state for k in weights))
-    if in_paddleclas_layout:
+    label = str
+    if sum(k in theirs_to_ours for k in weights) > sum(k in model_state for k in weights):
+        # PaddleClas layout. Errors use its names (an unexpected key keeps its own).
         weights = {theirs_to_ours.get(k, k): v for k, v in weights.items()}
         label = key_map.get
-        # an unexpected key keeps its PaddleClas name: that is how the user knows it
-    else:
-        label = str
-    missing, unexpected, wrong = _compare(model_state, weights, label)
-    skipped = [k for k in CLASSIFIER_KEYS if k in wrong]
-    if missing or unexpected or len(wrong) > len(skipped):
-        problems = [f"missing keys: {', '.join(missing)}" if missing else "",
-                    f"unexpected keys: {', '.join(unexpected)}" if unexpected else "",
-                    f"wrong shapes: {', '.join(v for k, v in wrong.items() if k not in skipped)}"
-                    if len(wrong) > len(skipped) else ""]
-        raise ValueError(f"cannot load {path} into {name}: "
-                         + "; ".join(p for p in problems if p))
+    skipped = _check_keys(model_state, weights, label, f"{path} into {name}")
     if skipped:
         logger.warning("%s: classifier not loaded from %s (file %s vs model %s); "
                        "all other %d tensors loaded", name, path, _shape(weights["fc.weight"]),
