@@ -1,0 +1,104 @@
+"""The evaluation transform in numpy + OpenCV: the reference for predict and the loaders.
+
+It is PaddleClas's eval pipeline (FACTS.md §5): decode to RGB; cv2.resize with
+INTER_LINEAR (no antialiasing) so the short side becomes `resize_short`, each side
+rounded with Python's round(); centre crop at ((W-crop)//2, (H-crop)//2);
+(x/255 - mean)/std in float32; HWC -> CHW. Exported models carry these numbers in
+preprocess.json (see `preprocess_spec`), so a deployed model is fed exactly this.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, Tuple
+
+import cv2
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB order, on the 0..1 scale
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageDecodeError(ValueError):
+    """A file that exists but is not an image OpenCV can decode."""
+
+
+def decode_image(path) -> np.ndarray:
+    """Read an image file as HWC uint8 RGB; raise naming the file when it cannot.
+
+    Bytes are read by numpy and decoded by cv2.imdecode (as PaddleClas does), which also
+    copes with non-ASCII paths that cv2.imread mishandles on some platforms.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error:  # most bad files give None, a few make a codec throw
+        img = None
+    if img is None:
+        raise ImageDecodeError(f"{path}: not an image OpenCV can decode")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def resized_size(width: int, height: int, resize_short: int) -> Tuple[int, int]:
+    """(new_width, new_height) with the short side at `resize_short`, as PaddleClas rounds."""
+    short = min(width, height)
+    return round(width * resize_short / short), round(height * resize_short / short)
+
+
+def resize_short_side(img: np.ndarray, resize_short: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    return cv2.resize(img, resized_size(w, h, resize_short), interpolation=cv2.INTER_LINEAR)
+
+
+def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"cannot centre-crop {size}x{size} from a {w}x{h} image")
+    top, left = (h - size) // 2, (w - size) // 2
+    return img[top:top + size, left:left + size]
+
+
+def normalize_chw(img: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """uint8 HWC RGB -> float32 CHW, (x/255 - mean)/std."""
+    mean = np.asarray(mean, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
+    x = (img.astype(np.float32) / np.float32(255.0) - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def eval_transform(img: np.ndarray, resize_short: int = 256, crop_size: int = 224,
+                   mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """HWC uint8 RGB image -> (3, crop_size, crop_size) float32, PaddleClas's eval transform."""
+    img = center_crop(resize_short_side(img, resize_short), crop_size)
+    return normalize_chw(img, mean, std)
+
+
+def preprocess_spec(resize_short: int = 256, crop_size: int = 224,
+                    mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> dict:
+    """The transform's numbers as a JSON-able dict (the "preprocess" part of preprocess.json)."""
+    return {
+        "resize_short": int(resize_short),
+        "crop_size": int(crop_size),
+        "interpolation": "INTER_LINEAR",
+        "scale": "1/255",
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        "dtype": "float32",
+    }
+
+
+def transform_from_spec(img: np.ndarray, spec: dict) -> np.ndarray:
+    """Apply the transform a `preprocess_spec` dict describes; reject what it cannot honour."""
+    fixed = {"interpolation": "INTER_LINEAR", "scale": "1/255", "channel_order": "RGB",
+             "layout": "NCHW", "dtype": "float32"}
+    for key, value in fixed.items():
+        if spec.get(key, value) != value:
+            raise ValueError(f"preprocess {key}={spec[key]!r} is not supported (only {value!r})")
+    return eval_transform(img, spec["resize_short"], spec["crop_size"], spec["mean"], spec["std"])
