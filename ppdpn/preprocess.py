@@ -26,7 +26,8 @@ def decode_image(path) -> np.ndarray:
     """Read an image file as HWC uint8 RGB; raise naming the file when it cannot.
 
     Bytes are read by numpy and decoded by cv2.imdecode (as PaddleClas does), which also
-    copes with non-ASCII paths that cv2.imread mishandles on some platforms.
+    copes with non-ASCII paths that cv2.imread mishandles on some platforms. IMREAD_COLOR
+    is PaddleClas's flag 1: EXIF orientation is applied, grey and RGBA become 3 channels.
     """
     path = Path(path)
     if not path.is_file():
