@@ -20,6 +20,7 @@ import paddle
 from ppdpn import dist
 from ppdpn.checkpoint import CheckpointError
 from ppdpn.config import ConfigError, load_config, save_resolved
+from ppdpn.data.lists import DataSetError
 from ppdpn.engine import NonFiniteLossError, TrainState, build_amp, evaluate, train_one_epoch
 from ppdpn.logging import RunLogger
 from ppdpn.models import create_model
@@ -61,14 +62,14 @@ def main(argv=None) -> int:
         return 0
 
     from ppdpn.data import build_loader
-    val_loader = build_loader(cfg.DataLoader, "val", ctx, cfg.Global.seed)
+    val_loader = build_loader(cfg.DataLoader, "val", ctx, cfg.Global.seed, cfg.Arch.class_num)
     if args.eval_only:
         dist.broadcast_params(model)
         metrics = evaluate(dist.wrap_model(model), val_loader, amp)
         print(json.dumps(metrics), flush=True)
         return 0
 
-    train_loader = build_loader(cfg.DataLoader, "train", ctx, cfg.Global.seed)
+    train_loader = build_loader(cfg.DataLoader, "train", ctx, cfg.Global.seed, cfg.Arch.class_num)
     global_batch = cfg.DataLoader.batch_size * ctx.world_size
     schedule = build_schedule(cfg.Optimizer.lr, cfg.Global.epochs, train_loader.steps_per_epoch, global_batch)
     derived = {"world_size": ctx.world_size, "global_batch": global_batch,
@@ -148,6 +149,8 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
     if metrics is None:
         dist.average_buffers(model)
         metrics = evaluate(model_dp, val_loader, amp)
+    agree = dist.ranks_agree(dist.weights_checksum(model))
+    log.info(f"[run] weights identical on all {ctx.world_size} ranks: {agree}")
     plot = log.plot_curves()
     log.info(f"[run] done: checkpoints in {saver.ckpt_dir}, VisualDL logs in "
              f"{cfg.Global.output_dir}/vdl, curves {plot}")
@@ -162,4 +165,7 @@ if __name__ == "__main__":
         sys.exit(main())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except (DataSetError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)

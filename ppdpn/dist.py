@@ -74,7 +74,7 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     paddle.set_device(device)
     if world > 1:
         from paddle.distributed import fleet
-        fleet.init(is_collective=True, strategy=build_strategy())
+        fleet.init(is_collective=True)
     _CTX = DistContext(rank=rank, world_size=world, local_rank=local, device=device)
     return _CTX
 
@@ -126,19 +126,46 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_sum([1.0 if flag else 0.0])[0] > 0)
 
 
+def ranks_agree(value: float) -> bool:
+    """True when every rank holds the same float (max == min over ranks)."""
+    if _CTX.world_size == 1:
+        return True
+    t = paddle.to_tensor(np.asarray([value, -value], dtype=np.float64))
+    pdist.all_reduce(t, op=pdist.ReduceOp.MAX)
+    hi, neg_lo = t.numpy()
+    return bool(hi == -neg_lo)
+
+
+def weights_checksum(model) -> float:
+    """A float64 fingerprint of the trainable weights (for the ranks-agree check)."""
+    total = 0.0
+    trainable = [p for p in unwrap(model).parameters() if not p.stop_gradient]
+    for i, p in enumerate(trainable):
+        total += float(p.astype("float64").abs().sum().item()) * (1.0 + 1e-3 * i)
+    return total
+
+
 def barrier():
     if _CTX.world_size > 1:
         pdist.barrier()
+
+
+def running_stats(model):
+    """BatchNorm running mean/variance (Paddle keeps them as non-trainable parameters)."""
+    from paddle.nn.layer.norm import _BatchNormBase
+    for layer in unwrap(model).sublayers():
+        if isinstance(layer, _BatchNormBase):
+            yield layer._mean
+            yield layer._variance
 
 
 def average_buffers(model):
     """Average BN running stats over ranks: DataParallel does not sync them."""
     if _CTX.world_size == 1:
         return
-    for buf in unwrap(model).buffers():
-        if buf.dtype in (paddle.float32, paddle.float64, paddle.float16):
-            pdist.all_reduce(buf, op=pdist.ReduceOp.SUM)
-            buf.set_value(buf / _CTX.world_size)
+    for stat in running_stats(model):
+        pdist.all_reduce(stat, op=pdist.ReduceOp.SUM)
+        stat.set_value(stat / _CTX.world_size)
 
 
 def broadcast_params(model):

@@ -20,9 +20,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     paddle.seed(seed)
-    if deterministic:
-        # cuDNN picks non-deterministic algorithms otherwise; CPU kernels are deterministic
-        # given OMP_NUM_THREADS, which the launcher sets to 1 per worker.
+    if deterministic and paddle.is_compiled_with_cuda():
+        # cuDNN picks non-deterministic algorithms otherwise. CPU kernels are deterministic
+        # as they are (the flag does not exist on the CPU build).
         paddle.set_flags({"FLAGS_cudnn_deterministic": True})
 
 
@@ -115,9 +115,9 @@ class Saver:
         except CheckpointError as e:
             if self.cfg.Global.on_save_error == "stop":
                 raise
-            self.log(f"[checkpoint] save failed, continuing (Global.on_save_error=continue): {e}")
+            self.log.info(f"[checkpoint] save failed, continuing (Global.on_save_error=continue): {e}")
             return
-        self.log(f"[checkpoint] {path}" + (f" ({reason})" if reason else "") + (" best" if is_best else ""))
+        self.log.info(f"[checkpoint] {path}" + (f" ({reason})" if reason else "") + (" best" if is_best else ""))
 
     def _write_paddleclas_best(self) -> None:
         """The best weights also in PaddleClas's .pdparams layout, for PaddleClas users."""
@@ -201,7 +201,7 @@ def log_sample_images(loader, log, cfg) -> None:
     """A few augmented training inputs to VisualDL at the start of a run."""
     if log.writer is None:
         return
-    from ppdpn.data import IMAGENET_MEAN, IMAGENET_STD
+    from ppdpn.data.base import IMAGENET_MEAN, IMAGENET_STD
     for images, _, _ in loader.epoch(0):
         arr = images.numpy()
         if cfg.DataLoader.output_layout == "NHWC":

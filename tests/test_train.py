@@ -1,0 +1,121 @@
+"""train.py end to end on CPU: exact resume, eval-only, 2 ranks, VisualDL, bad config."""
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, last_json, run_train, tiny_overrides
+from ppdpn.checkpoint import latest_checkpoint, load_checkpoint
+
+
+def _final(out_dir):
+    return load_checkpoint(latest_checkpoint(out_dir))
+
+
+def test_resume_mid_epoch_is_bit_identical(tiny_data, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train(["-c", "configs/demo.yaml", "-o"] + tiny_overrides(tiny_data, straight))
+    # Interrupted after 11 of 16 steps (mid-epoch 2), then resumed by the same command.
+    run_train(["-c", "configs/demo.yaml", "-o"] + tiny_overrides(tiny_data, split, **{"Global.max_steps": 11}))
+    assert _final(split)["global_step"] == 11 and _final(split)["step_in_epoch"] == 3
+    proc = run_train(["-c", "configs/demo.yaml", "-o"] + tiny_overrides(tiny_data, split))
+    assert "[resume]" in proc.stdout and "global step 11" in proc.stdout
+    a, b = _final(straight), _final(split)
+    assert a["global_step"] == b["global_step"] == 16
+    for k, v in a["model"].items():
+        np.testing.assert_array_equal(v, b["model"][k], err_msg=k)
+    opt_a = {k: v for k, v in a["optimizer"].items() if isinstance(v, np.ndarray)}
+    assert opt_a, "optimizer state holds the momentum buffers"
+    for k, v in opt_a.items():
+        np.testing.assert_array_equal(v, b["optimizer"][k], err_msg=k)
+    assert a["optimizer"]["LR_Scheduler"] == b["optimizer"]["LR_Scheduler"]
+    # The printed eval of both runs is the same too.
+    assert last_json(proc.stdout)["top1"] == json.loads(
+        (straight / "metrics.jsonl").read_text().splitlines()[-1])["eval_top1"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_rank")
+    proc = run_train(["-c", "configs/demo.yaml", "-o"] + tiny_overrides(tiny_data, out),
+                     nproc=2, log_dir=out / "launch")
+    return out, proc
+
+
+def test_two_processes_agree_and_eval_counts_every_image_once(two_rank_run, tiny_data):
+    out, proc = two_rank_run
+    log = (out / "train.log").read_text()
+    assert "weights identical on all 2 ranks: True" in log
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["eval_images"] == 24  # 4 classes x 6 val images, none twice
+    assert rows[-1]["global_step"] == 8   # 64 images / (8 x 2 ranks) x 2 epochs
+    # Hand computation: one process evaluates the same checkpoint over the whole split.
+    single = run_train(["-c", "configs/demo.yaml", "--eval-only", "-o"] + tiny_overrides(
+        tiny_data, out / "eval1", **{"Global.pretrained_model": out / "checkpoints" / "best.pdckpt",
+                                     "DataLoader.batch_size": 5}))
+    res = last_json(single.stdout)
+    assert res["images"] == 24
+    best = max(r["eval_top1"] for r in rows)
+    assert res["top1"] == pytest.approx(best, abs=1e-9)
+
+
+def test_eval_only_of_a_checkpoint_repeats_training_eval(two_rank_run, tiny_data):
+    out, _ = two_rank_run
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    ckpt = latest_checkpoint(out)
+    proc = run_train(["-c", "configs/demo.yaml", "--eval-only", "-o"] + tiny_overrides(
+        tiny_data, out / "eval2", **{"Global.pretrained_model": ckpt}), nproc=2, log_dir=out / "eval_launch")
+    res = last_json(proc.stdout) if "{" in proc.stdout else last_json(
+        (out / "eval_launch" / "workerlog.0").read_text())
+    assert res["images"] == 24
+    assert res["top1"] == pytest.approx(rows[-1]["eval_top1"], abs=1e-9)
+    assert res["loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-5)
+
+
+def test_visualdl_logs_hold_the_tags_and_the_server_serves_them(two_rank_run):
+    from visualdl import LogReader
+    out, _ = two_rank_run
+    vdl = out / "vdl"
+    runs = [p for p in vdl.iterdir() if p.is_file()]
+    reader = LogReader(file_path=str(runs[0]))
+    tags = set(reader.get_tags()["scalar"])
+    for tag in ("train/loss", "train/lr", "train/img_per_s", "train/loss_scale",
+                "eval/loss", "eval/top1", "eval/top5"):
+        assert tag in tags, tags
+    assert "train/input/0" in reader.get_tags().get("image", [])
+    assert "config" in reader.get_tags().get("text", [])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "visualdl"), "--logdir", str(vdl), "--host",
+                               "127.0.0.1", "--port", str(port), "--language", "en",
+                               "--disable-telemetry"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/app/api/scalar/list?run={vdl}&tag=eval/top1"
+        body = None
+        for _ in range(60):
+            try:
+                body = json.loads(urllib.request.urlopen(url, timeout=2).read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "VisualDL server did not answer"
+        values = [row[2] for row in body["data"]]
+        assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_bad_config_value_exits_2_naming_the_key(tmp_path):
+    proc = run_train(["-c", "configs/demo.yaml", "-o", "DataLoader.batch_size=0",
+                      f"Global.output_dir={tmp_path}"], check=False)
+    assert proc.returncode == 2
+    assert "DataLoader.batch_size" in proc.stderr and "demo.yaml" in proc.stderr
