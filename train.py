@@ -117,8 +117,9 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
                 max_skipped=g.max_skipped_steps, should_stop=lambda: dist.any_rank(stopper.flag),
                 on_step=saver.maybe_save_steps, log_progress=clock.report, max_steps=g.max_steps)
             if outcome == "stopped":
-                saver.save(state, reason=f"signal {stopper.name}")
-                log.info(f"[run] stopped by {stopper.name} at step {state.global_step}; "
+                who = stopper.name or "a signal to another rank"
+                saver.save(state, reason=who)
+                log.info(f"[run] stopped by {who} at step {state.global_step}; "
                          f"checkpointed, exit {EXIT_REQUEUE} (requeue)")
                 return EXIT_REQUEUE
             if outcome == "epoch_end":

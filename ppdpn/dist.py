@@ -74,7 +74,7 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     paddle.set_device(device)
     if world > 1:
         from paddle.distributed import fleet
-        fleet.init(is_collective=True)
+        fleet.init(is_collective=True, strategy=build_strategy())
     _CTX = DistContext(rank=rank, world_size=world, local_rank=local, device=device)
     return _CTX
 

@@ -1,5 +1,6 @@
 """train.py end to end on CPU: exact resume, eval-only, 2 ranks, VisualDL, bad config."""
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -119,3 +120,73 @@ def test_bad_config_value_exits_2_naming_the_key(tmp_path):
                       f"Global.output_dir={tmp_path}"], check=False)
     assert proc.returncode == 2
     assert "DataLoader.batch_size" in proc.stderr and "demo.yaml" in proc.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_equal_two_processes(two_rank_run, tiny_data, tmp_path):
+    """Two launchers (--nnodes 2, one CPU process each) form one job: same weights."""
+    out2, _ = two_rank_run
+    out = tmp_path / "nodes"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "paddle.distributed.launch", "--nnodes", "2", "--nproc_per_node", "1",
+         "--master", f"127.0.0.1:{port}", "--rank", str(r), "--log_dir", str(out / f"launch{r}"),
+         "train.py", "-c", "configs/demo.yaml", "-o"] + tiny_overrides(tiny_data, out),
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+    a, b = _final(out2), _final(out)
+    assert a["global_step"] == b["global_step"] == 8
+    for k, v in a["model"].items():
+        np.testing.assert_array_equal(v, b["model"][k], err_msg=k)
+
+
+def _worker_pids(launcher_pid, timeout=60):
+    import psutil
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        kids = {}
+        for c in psutil.Process(launcher_pid).children(recursive=True):
+            try:
+                rank = c.environ().get("PADDLE_TRAINER_ID")
+            except psutil.Error:
+                continue
+            if rank is not None and "train.py" in " ".join(c.cmdline()):
+                kids[int(rank)] = c.pid
+        if len(kids) == 2:
+            return kids
+        time.sleep(0.5)
+    raise AssertionError("workers did not start")
+
+
+def test_sigusr1_to_one_rank_checkpoints_and_requeues(tiny_data, tmp_path):
+    """SIGUSR1 reaching rank 1 only: both ranks stop at the same step, rank 0 saves, exit
+    75; rerunning resumes at that step and ends at the same total as an unstopped run."""
+    import signal as sig
+    out = tmp_path / "pre"
+    args = ["-c", "configs/demo.yaml", "-o"] + tiny_overrides(tiny_data, out, **{"Global.epochs": 40})
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    launcher = subprocess.Popen([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
+                                 "2", "--log_dir", str(out / "launch"), "train.py"] + args,
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids = _worker_pids(launcher.pid)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)  # let it finish one epoch first
+    t0 = time.time()
+    os.kill(pids[1], sig.SIGUSR1)
+    text = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 75, text[-3000:]
+    assert time.time() - t0 < 30
+    saved = _final(out)
+    assert 0 < saved["global_step"] < 40 * 4
+    assert f"stopped by a signal to another rank at step {saved['global_step']}" in text
+    resumed = run_train(args, nproc=2, log_dir=out / "launch2")
+    assert f"global step {saved['global_step']}" in resumed.stdout
+    assert _final(out)["global_step"] == 40 * 4
