@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import shutil
 import sys
 import tempfile
@@ -149,26 +150,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def build_model(cfg) -> nn.Layer:
+    """The recipe's model with Global.pretrained_model loaded, classifier included."""
+    from ppdpn.models import create_model
+    from ppdpn.models.weights import load_pretrained
+    model = create_model(cfg.Arch.name, num_classes=cfg.Arch.class_num)
+    path = cfg.Global.pretrained_model
+    if not path:
+        print("warning: no Global.pretrained_model given: exporting random weights",
+              file=sys.stderr)
+        return model
+    # Training may start from a file whose classifier has other classes; a deployed model
+    # with a freshly initialised classifier would be silently wrong, so here it is an error.
+    try:
+        skipped = load_pretrained(model, path, name=cfg.Arch.name)
+    except (pickle.UnpicklingError, EOFError) as e:  # raised without the file's name
+        raise ExportError(f"{path}: not a weights file saved by paddle.save ({e})") from e
+    if skipped:
+        raise ExportError(f"{path}: its classifier does not have Arch.class_num="
+                          f"{cfg.Arch.class_num} classes; set -o Arch.class_num to the file's")
+    return model
+
+
 def main(argv=None) -> int:
     from ppdpn.config import ConfigError, load_config
-    from ppdpn.models import create_model
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.override)
         labels = read_labels(args.labels, cfg.Arch.class_num) if args.labels else None
-        weights = cfg.Global.pretrained_model
-        if not weights:
-            print("warning: no Global.pretrained_model given: exporting random weights",
-                  file=sys.stderr)
-        model = create_model(cfg.Arch.name, num_classes=cfg.Arch.class_num, pretrained=weights)
-        summary = export_model(model, args.out, name=cfg.Arch.name,
+        summary = export_model(build_model(cfg), args.out, name=cfg.Arch.name,
                                image_size=cfg.DataLoader.image_size,
                                resize_short=cfg.DataLoader.resize_short,
                                softmax=args.softmax, labels=labels)
-    except (ConfigError, ExportError, FileNotFoundError, KeyError, ValueError) as e:
+    except (ConfigError, ExportError, OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary["weights"] = weights
+    summary["weights"] = cfg.Global.pretrained_model
     print(json.dumps(summary))
     return 0
 

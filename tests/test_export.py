@@ -91,6 +91,23 @@ def test_export_from_paddleclas_pdparams_via_cli(name, tmp_path, capsys):
     assert_backends_match(source, out, x)
 
 
+@pytest.mark.parametrize("contents, words", [
+    ("classes", ["Arch.class_num=1000"]),  # 10-class weights, recipe says 1000
+    ("text", ["weights.pdparams"]),
+])
+def test_export_refuses_weights_it_cannot_load_whole(contents, words, tmp_path, capsys):
+    weights = tmp_path / "weights.pdparams"
+    if contents == "classes":
+        paddle.save(random_model("DenseNetTiny", num_classes=10).state_dict(), str(weights))
+    else:
+        weights.write_text("not a pickle")
+    rc = export.main(["-o", "Arch.name=DenseNetTiny", "-o", f"Global.pretrained_model={weights}",
+                      "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_softmax_export_outputs_probabilities(tmp_path):
     model = random_model("DenseNetTiny", seed=5)
     export.export_model(model, tmp_path, name="DenseNetTiny", softmax=True)
