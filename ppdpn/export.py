@@ -57,7 +57,8 @@ class WithSoftmax(nn.Layer):
 
 
 def read_labels(path, class_num: int) -> List[str]:
-    """One class name per line; the count must equal the model's classes."""
+    """Class names, one per line: plain names, or "index name" lines numbered 0, 1, ...
+    (PaddleClas's class_id_map and our data tools' labels.txt), whose index is dropped."""
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"labels file {path} does not exist")
@@ -67,6 +68,9 @@ def read_labels(path, class_num: int) -> List[str]:
     if len(labels) != class_num:
         raise ExportError(f"labels file {path} has {len(labels)} names, "
                           f"but the model has Arch.class_num={class_num} classes")
+    split = [line.split(maxsplit=1) for line in labels]
+    if all(len(parts) == 2 and parts[0] == str(i) for i, parts in enumerate(split)):
+        labels = [parts[1] for parts in split]
     return labels
 
 
@@ -160,12 +164,12 @@ def build_model(cfg) -> nn.Layer:
         print("warning: no Global.pretrained_model given: exporting random weights",
               file=sys.stderr)
         return model
-    # Training may start from a file whose classifier has other classes; a deployed model
-    # with a freshly initialised classifier would be silently wrong, so here it is an error.
     try:
         skipped = load_pretrained(model, path, name=cfg.Arch.name)
     except (pickle.UnpicklingError, EOFError) as e:  # raised without the file's name
         raise ExportError(f"{path}: not a weights file saved by paddle.save ({e})") from e
+    # Training may start from a file whose classifier has other classes; a deployed model
+    # with a freshly initialised classifier would be silently wrong, so here it is an error.
     if skipped:
         raise ExportError(f"{path}: its classifier does not have Arch.class_num="
                           f"{cfg.Arch.class_num} classes; set -o Arch.class_num to the file's")

@@ -76,7 +76,7 @@ def test_export_from_paddleclas_pdparams_via_cli(name, tmp_path, capsys):
     weights = tmp_path / f"{name}_pretrained.pdparams"
     paddle.save(to_paddleclas_state_dict(source, name), str(weights))
     labels = tmp_path / "labels.txt"
-    labels.write_text("".join(f"class_{i}\n" for i in range(10)))
+    labels.write_text("".join(f"{i} class_{i}\n" for i in range(10)))
     out = tmp_path / "export"
     rc = export.main(["-c", str(ROOT / f"configs/{name.lower()}.yaml"), "-o", f"Global.pretrained_model={weights}",
                       "-o", "Arch.class_num=10", "--out", str(out), "--labels", str(labels)])
@@ -125,6 +125,11 @@ def test_labels_must_match_class_count(tmp_path):
     assert export.read_labels(labels, 2) == ["cat", "dog"]
     with pytest.raises(export.ExportError, match="labels.txt has 2 names.*class_num=1000"):
         export.read_labels(labels, 1000)
+    # "index name" lines (data/make_demo.py, data/build_lists.py) lose their index.
+    labels.write_text("0 n01440764 tench, Tinca tinca\n1 star\n")
+    assert export.read_labels(labels, 2) == ["n01440764 tench, Tinca tinca", "star"]
+    labels.write_text("7 wonders\n1 star\n")  # not numbered 0, 1, ...: names as written
+    assert export.read_labels(labels, 2) == ["7 wonders", "1 star"]
 
 
 # ---------------------------------------------------------------- predict
