@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Train on this node: one process per GPU (NPROC CPU processes when there is none), under
+# `python -m paddle.distributed.launch`, which owns the per-process environment, logs
+# and teardown.
+#
+#   ./launch.sh configs/dpn68.yaml [-o Section.key=value ...] [more train.py arguments]
+#
+# Environment, all optional:
+#   PYTHON       interpreter (default python3: the active virtual environment's)
+#   NPROC        processes on this node (default: every visible GPU; 2 on a CPU-only node)
+#   NNODES       nodes in the job (default 1). With NNODES > 1 every node runs this script
+#                with the same MASTER_ADDR:MASTER_PORT and its own NODE_RANK:
+#   NODE_RANK    0..NNODES-1; node 0 hosts the rendezvous
+#   MASTER_ADDR  address of node 0, reachable from every node
+#   MASTER_PORT  a free TCP port on node 0 (default 6170)
+#   LOG_DIR      launcher logs, workerlog.N per process (default <Global.output_dir>/log,
+#                plus /node<NODE_RANK> on multi-node runs: the launcher names logs by local
+#                rank only, so nodes sharing a file system would overwrite each other's)
+#   DRY_RUN=1    check everything and print the launcher command instead of running it
+#
+# GPUs come from CUDA_VISIBLE_DEVICES when it is set (Slurm sets it for --gres=gpu:N),
+# else from `nvidia-smi -L`; NPROC below their number uses the first NPROC of them.
+#
+# SIGUSR1, SIGTERM and SIGINT are forwarded as SIGUSR1 to the training processes, which
+# checkpoint and exit 75 ("requeue me"); the launcher's exit code is this script's.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python3}"
+
+die() { echo "launch.sh: $*" >&2; exit 2; }
+
+# need_count NAME VALUE MIN: VALUE must be a whole number >= MIN.
+need_count() {
+    if ! [[ "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 )); then
+        die "$1=$2 must be a whole number >= $3"
+    fi
+}
+
+count_gpus() {
+    # Slurm writes NoDevFiles when the node has GPUs but the job asked for none.
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+        case "$CUDA_VISIBLE_DEVICES" in
+            "" | NoDevFiles | -1) echo 0 ;;
+            *) tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . ;;
+        esac
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
+    else
+        echo 0
+    fi
+}
+
+# ---------------------------------------------------------------- arguments
+[[ $# -ge 1 ]] || die "usage: launch.sh CONFIG.yaml [-o Section.key=value ...]"
+CONFIG="$1"
+shift
+[[ -f "$CONFIG" ]] || die "config file not found: $CONFIG"
+TRAIN_ARGS=("$@")
+
+# The -o values, to check them here; train.py takes `-o a=1 b=2` and `-o a=1 -o b=2`.
+OVERRIDES=()
+in_override=0
+for arg in "$@"; do
+    if [[ "$arg" == "-o" || "$arg" == "--override" ]]; then
+        in_override=1
+    elif [[ "$arg" == -* ]]; then
+        in_override=0
+    elif (( in_override )); then
+        OVERRIDES+=("$arg")
+    fi
+done
+
+# ---------------------------------------------------------------- topology
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_PORT="${MASTER_PORT:-6170}"
+need_count NNODES "$NNODES" 1
+need_count NODE_RANK "$NODE_RANK" 0
+NNODES=$((10#$NNODES)) NODE_RANK=$((10#$NODE_RANK))
+(( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
+if (( NNODES > 1 )); then
+    [[ -n "${MASTER_ADDR:-}" ]] || die "NNODES=$NNODES needs MASTER_ADDR (the address of node 0)"
+    if ! [[ "$MASTER_PORT" =~ ^[0-9]+$ ]] || (( 10#$MASTER_PORT < 1 || 10#$MASTER_PORT > 65535 ))
+    then
+        die "MASTER_PORT=$MASTER_PORT must be a TCP port (1-65535)"
+    fi
+fi
+
+GPUS="$(count_gpus)"
+if (( GPUS > 0 )); then
+    NPROC="${NPROC:-$GPUS}"
+else
+    # The CPU launcher crashes on an empty CUDA_VISIBLE_DEVICES; with none set it picks gloo.
+    unset CUDA_VISIBLE_DEVICES
+    NPROC="${NPROC:-2}"
+fi
+need_count NPROC "$NPROC" 1
+NPROC=$((10#$NPROC))
+(( GPUS == 0 || NPROC <= GPUS )) || die "NPROC=$NPROC but only $GPUS GPU(s) are visible"
+
+# ---------------------------------------------------------------- config
+# Fail here, before any process starts, on a bad recipe or override; learn the output dir.
+# PYTHONWARNINGS: Paddle's import warns about ccache, which is noise here.
+checked="$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore "$PYTHON" -c '
+import sys
+try:
+    from ppdpn.config import ConfigError, load_config
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+except ImportError as e:
+    sys.exit(f"launch.sh: {sys.executable} cannot run ppdpn ({e}): "
+             f"activate its virtual environment or set PYTHON")
+except ConfigError as e:
+    sys.exit(f"launch.sh: config error: {e}")
+print(cfg.Global.output_dir)
+' "$CONFIG" "${OVERRIDES[@]}")" || exit 2
+OUTPUT_DIR="$(tail -n 1 <<<"$checked")"
+
+if (( NNODES > 1 )); then
+    LOG_DIR="${LOG_DIR:-$OUTPUT_DIR/log/node$NODE_RANK}"
+else
+    LOG_DIR="${LOG_DIR:-$OUTPUT_DIR/log}"
+fi
+
+CMD=("$PYTHON" -m paddle.distributed.launch --nproc_per_node "$NPROC" --log_dir "$LOG_DIR")
+if (( NNODES > 1 )); then
+    CMD+=(--nnodes "$NNODES" --master "$MASTER_ADDR:$MASTER_PORT" --rank "$NODE_RANK")
+fi
+CMD+=("$ROOT/train.py" -c "$CONFIG" "${TRAIN_ARGS[@]}")
+
+echo "launch.sh: node $NODE_RANK/$NNODES, $NPROC process(es) ($GPUS GPU(s)), logs in $LOG_DIR" >&2
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    printf '%q ' "${CMD[@]}"
+    echo
+    exit 0
+fi
+
+# ---------------------------------------------------------------- run
+# The launcher runs in the background so that this shell can take signals while it
+# waits. Signals go on to the workers (the launcher's children, each in a session of its
+# own) as SIGUSR1: SIGTERM to the launcher would stop them too, but it then exits 15
+# whatever they returned, and the "checkpointed, requeue me" code 75 would be lost.
+# The launcher starts with SIGUSR1 ignored, as its workers do until train.py handles it:
+# srun and `scancel --signal=USR1` signal the whole process group, and a launcher killed
+# by it would orphan the workers before they hear of it.
+(trap '' USR1; exec "${CMD[@]}") &
+LAUNCHER=$!
+SIGNALS=0
+
+# shellcheck disable=SC2317  # reached through the traps below
+forward_stop() {
+    SIGNALS=$((SIGNALS + 1))
+    echo "launch.sh: $1 received, asking the training processes to checkpoint and stop" >&2
+    # Retry for a while: a signal can arrive before the launcher has started its workers.
+    (
+        for _ in $(seq 60); do
+            pkill -USR1 -P "$LAUNCHER" && exit 0
+            kill -0 "$LAUNCHER" 2>/dev/null || exit 0
+            sleep 1
+        done
+    ) &
+}
+trap 'forward_stop USR1' USR1
+trap 'forward_stop TERM' TERM
+trap 'forward_stop INT' INT
+
+# `wait` returns early (>128) when a trapped signal arrives; wait again until the launcher
+# itself has exited, so that its exit code is the one passed on.
+while :; do
+    seen=$SIGNALS
+    rc=0
+    wait "$LAUNCHER" || rc=$?
+    (( SIGNALS == seen )) && break
+done
+exit "$rc"
