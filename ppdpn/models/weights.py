@@ -25,6 +25,10 @@ CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 PADDLE_SAVE_META_KEY = "StructuredToParameterName@@"
 
 
+class WeightsError(ValueError):
+    """A weight file that does not fit the model; the message names the file and keys."""
+
+
 class UnsafePickleError(pickle.UnpicklingError):
     """A weight file names a global that is not needed to rebuild arrays and dicts."""
 
@@ -126,11 +130,11 @@ def _weights_in(obj: Any, path) -> Dict[str, np.ndarray]:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # checkpoint: {"model": state_dict, "optimizer": ..., ...}
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state_dict")
     weights = {k: np.asarray(v) for k, v in obj.items() if k != PADDLE_SAVE_META_KEY}
     bad = [k for k, v in weights.items() if not np.issubdtype(v.dtype, np.number)]
     if bad:
-        raise ValueError(f"{path}: entries that are not numeric arrays: {', '.join(bad)}")
+        raise WeightsError(f"{path}: entries that are not numeric arrays: {', '.join(bad)}")
     return weights
 
 
@@ -164,7 +168,7 @@ def _check_keys(model_state: Dict, weights: Dict, label: Callable[[str], str],
     if missing or unexpected or wrong_listed:
         problems = [_listing("missing keys", missing), _listing("unexpected keys", unexpected),
                     _listing("wrong shapes", wrong_listed)]
-        raise ValueError(f"cannot load {where}: " + "; ".join(p for p in problems if p))
+        raise WeightsError(f"cannot load {where}: " + "; ".join(p for p in problems if p))
     return skipped
 
 
