@@ -1,0 +1,61 @@
+"""Batch augmentation on the device after loading: Mixup, CutMix, label smoothing.
+
+Applied to whatever batch a loader hands out, so it works with DALI as well as with the
+fallback loader (PaddleClas's DALI path silently skips mixup). Eval never calls it.
+The partner of sample i is sample B-1-i (the batch reversed, as timm does): no random
+permutation to draw, and every sample is mixed with a different one when B > 1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import numpy as np
+
+
+def smooth_one_hot(labels, num_classes: int, label_smoothing: float):
+    """Soft targets float32 [B, C]: 1 - eps + eps/C on the label, eps/C elsewhere."""
+    import paddle.nn.functional as F
+    onehot = F.one_hot(labels.astype("int64"), num_classes).astype("float32")
+    if label_smoothing > 0:
+        onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return onehot
+
+
+def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator):
+    """A box of area (1 - lam) * H * W at a uniform centre, clipped to the image;
+    returns (y1, y2, x1, x2) and the lam that the clipped area really gives."""
+    cut = math.sqrt(1.0 - lam)
+    ch, cw = int(height * cut), int(width * cut)
+    cy, cx = int(rng.integers(height)), int(rng.integers(width))
+    y1, y2 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
+    x1, x2 = max(cx - cw // 2, 0), min(cx + cw // 2, width)
+    return (y1, y2, x1, x2), 1.0 - (y2 - y1) * (x2 - x1) / float(height * width)
+
+
+def mix_batch(images, labels, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
+              label_smoothing: float, rng: np.random.Generator,
+              data_format: str = "NCHW") -> Tuple[object, object]:
+    """(images, soft targets float32 [B, C]). With both alphas 0 only label smoothing;
+    with both > 0, Mixup or CutMix with probability 0.5 each, per batch (like timm)."""
+    import paddle
+    targets = smooth_one_hot(labels, num_classes, label_smoothing)
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return images, targets
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+    partner = images.flip(axis=[0])
+    if use_cutmix:
+        lam = float(rng.beta(cutmix_alpha, cutmix_alpha))
+        h_axis, w_axis = (2, 3) if data_format == "NCHW" else (1, 2)
+        height, width = images.shape[h_axis], images.shape[w_axis]
+        (y1, y2, x1, x2), lam = cutmix_box(height, width, lam, rng)
+        box = np.zeros((height, width), dtype=np.float32)
+        box[y1:y2, x1:x2] = 1.0
+        box = box[None, None] if data_format == "NCHW" else box[None, :, :, None]
+        box = paddle.to_tensor(box, place=images.place).astype(images.dtype)
+        images = images * (1.0 - box) + partner * box
+    else:
+        lam = float(rng.beta(mixup_alpha, mixup_alpha))
+        images = images * lam + partner * (1.0 - lam)
+    targets = targets * lam + targets.flip(axis=[0]) * (1.0 - lam)
+    return images, targets

@@ -1,0 +1,120 @@
+"""What the DALI and the fallback loader share: pre-flight, plan, crops, bad-file book."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterator, Optional, Set, Tuple
+
+import numpy as np
+
+from ppdpn.data.check import check_files, find_bad_labels, find_duplicates
+from ppdpn.data.lists import DataSetError, Samples
+from ppdpn.data.plan import ShardPlan, eval_windows, train_windows
+
+log = logging.getLogger("ppdpn.data")
+
+# ImageNet statistics in 0-255 units, as PaddleClas normalises: (x / 255 - mean) / std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MEAN_255 = tuple(255.0 * m for m in IMAGENET_MEAN)
+STD_255 = tuple(255.0 * s for s in IMAGENET_STD)
+# Stand-in for a file that failed mid-run: a tiny grey image every decoder reads,
+# decoded in the failed sample's slot so batch shapes and step counts never change.
+SUBSTITUTE_SIZE = 16
+
+
+class BadDataError(DataSetError):
+    """The pre-flight check found bad files and DataConfig.drop_bad_files is off."""
+
+
+def _substitute_jpeg() -> np.ndarray:
+    import cv2
+    grey = np.full((SUBSTITUTE_SIZE, SUBSTITUTE_SIZE, 3), 128, dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", grey)
+    assert ok
+    return buf.reshape(-1)
+
+
+def preflight(samples: Samples, workers: int, drop_bad: bool,
+              num_classes: Optional[int] = None) -> Tuple[Samples, np.ndarray]:
+    """Check every file of a split; stop naming every bad file, or drop them.
+
+    Returns the kept samples and their (width, height) int32 [n, 2] from the headers."""
+    sizes, bad = check_files(samples.paths, workers=max(1, workers))
+    bad = dict(bad)
+    for i, why in find_bad_labels(samples.labels, num_classes) + find_duplicates(samples.paths):
+        bad.setdefault(i, why)
+    if not bad:
+        return samples, sizes
+    lines = [f"  {samples.paths[i]}: {why}" for i, why in sorted(bad.items())]
+    if not drop_bad:
+        raise BadDataError(f"{samples.source}: {len(bad)} of {len(samples)} files are bad "
+                           "(set DataLoader.drop_bad_files=True to skip them, or write a "
+                           "cleaned list with `python -m data.validate --write-clean`):\n"
+                           + "\n".join(lines))
+    keep = [i for i in range(len(samples)) if i not in bad]
+    if not keep:
+        raise BadDataError(f"{samples.source}: every file is bad:\n" + "\n".join(lines))
+    log.warning("%s: dropping %d bad of %d files:\n%s", samples.source, len(bad),
+                len(samples), "\n".join(lines))
+    return samples.subset(keep), sizes[keep]
+
+
+class LoaderBase:
+    """Epoch plan, crop windows and the book of files that failed mid-run.
+
+    Subclasses implement `epoch(epoch, start_step)` yielding (images, labels, valid)."""
+
+    def __init__(self, cfg, split: str, ctx, seed: int, samples: Samples, sizes: np.ndarray):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.cfg, self.split, self.ctx, self.seed = cfg, split, ctx, int(seed)
+        self.samples, self.sizes = samples, np.asarray(sizes, dtype=np.int64)
+        self.is_train = split == "train"
+        self.batch_size = cfg.batch_size if self.is_train else (cfg.eval_batch_size or cfg.batch_size)
+        self.plan = ShardPlan(len(samples), ctx.world_size, ctx.rank, self.batch_size,
+                              shuffle=self.is_train, seed=self.seed)
+        self.num_samples = len(samples)
+        self.steps_per_epoch = self.plan.steps_per_epoch
+        self.image_size = cfg.image_size
+        self.failed: Dict[int, str] = {}  # sample index -> why it failed mid-run
+        self._forced: Set[Tuple[int, int]] = set()  # (epoch, step) fed wholly substituted
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator:
+        raise NotImplementedError
+
+    def _check_start(self, start_step: int) -> None:
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step={start_step} outside 0..{self.steps_per_epoch}")
+
+    def windows(self, epoch: int, index: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Per-sample source windows (x, y, w, h) and flips: random for train, the
+        PaddleClas centre crop for eval."""
+        if self.is_train:
+            return train_windows(self.seed, epoch, index, self.sizes,
+                                 self.cfg.scale, self.cfg.ratio)
+        win = eval_windows(index, self.sizes, self.cfg.resize_short, self.image_size)
+        return win, np.zeros(len(index), dtype=np.int32)
+
+    def record_failure(self, sample: int, reason: str) -> None:
+        """Log a file that failed after the pre-flight; later epochs substitute it."""
+        if sample not in self.failed:
+            self.failed[sample] = reason
+            log.warning("skipping %s (rank %d): %s; its slot is marked invalid",
+                        self.samples.paths[sample], self.ctx.rank, reason)
+
+    def place(self):
+        """The paddle Place of the training device named by DistContext."""
+        import paddle
+        if self.ctx.use_gpu:
+            return paddle.CUDAPlace(int(self.ctx.device.split(":")[1]))
+        return paddle.CPUPlace()
+
+    def targets(self, idx_row: np.ndarray, valid_row: np.ndarray):
+        """Labels int64 [B] and valid float32 [B] as paddle tensors on the device."""
+        import paddle
+        labels = self.samples.labels[idx_row].astype(np.int64)
+        return (paddle.to_tensor(labels, place=self.place()),
+                paddle.to_tensor(valid_row.astype(np.float32), place=self.place()))

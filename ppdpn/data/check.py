@@ -1,0 +1,168 @@
+"""Pre-flight checks of image files: existence, size, magic, end marker, header size.
+
+DALI has no skip option: a missing or empty file breaks its reader for good, and a text
+file named .jpg fails a whole batch without a name (PLATFORM.md). So every file is
+checked before the first step. The check reads only the header and the tail of each
+file, and keeps each image's width and height from its JPEG SOF / PNG IHDR: the loaders
+compute crop windows from them without decoding.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing as mp
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Smallest decodable file is a few hundred bytes; below this it is a stub or a fragment.
+MIN_FILE_BYTES = 64
+# EXIF/ICC segments can push the frame header past the first block; 64 KiB holds the
+# SOF of nearly every camera JPEG, larger headers are read on demand.
+HEAD_BYTES = 64 * 1024
+# Some writers append padding after the JPEG end marker; look this far back for it.
+TAIL_BYTES = 64 * 1024
+# SOF markers C0-CF except DHT (C4), JPG (C8) and DAC (CC), which share the range.
+_SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Below this many files worker processes cost more than they save.
+PARALLEL_MIN_FILES = 20000
+
+
+class BadFile(Exception):
+    """A file that would fail in the loader; str() is the reason."""
+
+
+def _jpeg_size(f, head: bytes) -> Tuple[int, int, int]:
+    """(width, height, offset of the scan start) from the JPEG markers."""
+    pos = 2
+    while True:
+        if pos + 4 > len(head):  # header longer than what we read: read more
+            f.seek(0)
+            head = f.read(len(head) * 4 + 4)
+            if pos + 4 > len(head):
+                raise BadFile("truncated JPEG header (no frame header before end of file)")
+        if head[pos] != 0xFF:
+            raise BadFile(f"corrupt JPEG header (no marker at byte {pos})")
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers carry no length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            raise BadFile("JPEG without frame header (SOF) before the image data")
+        (length,) = struct.unpack(">H", head[pos + 2:pos + 4])
+        if marker in _SOF_MARKERS:
+            if pos + 9 > len(head):
+                f.seek(0)
+                head = f.read(pos + 16)
+            if pos + 9 > len(head):
+                raise BadFile("truncated JPEG frame header")
+            h, w = struct.unpack(">HH", head[pos + 5:pos + 9])
+            if w == 0 or h == 0:
+                raise BadFile(f"JPEG frame header gives size {w}x{h}")
+            return w, h, pos
+        pos += 2 + length
+
+
+def _check_tail(f, size: int, needle: bytes, after: int, what: str) -> None:
+    """The end marker must appear after `after` (an EXIF thumbnail carries its own)."""
+    for span in (4096, TAIL_BYTES):  # most files end exactly with it: read little first
+        start = max(0, size - span)
+        f.seek(start)
+        found = f.read().rfind(needle)
+        if found >= 0 and start + found > after:
+            return
+        if start == 0:
+            break
+    raise BadFile(f"truncated: no {what} end marker")
+
+
+def image_header(path: str) -> Tuple[int, int]:
+    """(width, height) of a JPEG or PNG file, raising BadFile with the reason."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise BadFile("missing") from None
+    except OSError as e:
+        raise BadFile(f"unreadable ({e.strerror})") from None
+    if size == 0:
+        raise BadFile("empty (0 bytes)")
+    if size < MIN_FILE_BYTES:
+        raise BadFile(f"too small ({size} bytes)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+            if head.startswith(JPEG_MAGIC):
+                w, h, sof = _jpeg_size(f, head)
+                _check_tail(f, size, b"\xff\xd9", sof, "JPEG")
+                return w, h
+            if head.startswith(PNG_MAGIC):
+                if head[12:16] != b"IHDR":
+                    raise BadFile("corrupt PNG header (no IHDR)")
+                w, h = struct.unpack(">II", head[16:24])
+                if w == 0 or h == 0:
+                    raise BadFile(f"PNG header gives size {w}x{h}")
+                _check_tail(f, size, b"IEND", 16, "PNG")
+                return w, h
+    except OSError as e:
+        raise BadFile(f"unreadable ({e.strerror})") from None
+    raise BadFile(f"not a JPEG or PNG image (starts with {head[:8]!r})")
+
+
+def _check_chunk(paths: Sequence[str]) -> Tuple[np.ndarray, List[Tuple[int, str]]]:
+    sizes = np.full((len(paths), 2), -1, dtype=np.int32)
+    bad = []
+    for i, p in enumerate(paths):
+        try:
+            sizes[i] = image_header(p)
+        except BadFile as e:
+            bad.append((i, str(e)))
+    return sizes, bad
+
+
+def check_files(paths: Sequence[str], workers: int = 1, chunk: int = 4096,
+                min_parallel: int = PARALLEL_MIN_FILES) -> Tuple[np.ndarray, List[Tuple[int, str]]]:
+    """Header check of every path -> (sizes int32 [n, 2] (w, h; -1 if bad), [(index, reason)]).
+
+    Large lists go to `workers` processes (the parse is Python, so threads would share one
+    core). Forked, as paddle's DataLoader does: spawn would re-run the trainer's main
+    module in every worker. The children touch only files and numpy, never the DALI or
+    Paddle threads the parent may hold.
+    """
+    paths = list(paths)
+    if workers <= 1 or len(paths) < min_parallel:
+        return _check_chunk(paths)
+    chunk = min(chunk, -(-len(paths) // workers))  # every worker gets a share
+    pieces = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    sizes, bad = [], []
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        for k, (s, b) in enumerate(pool.map(_check_chunk, pieces)):
+            sizes.append(s)
+            bad.extend((k * chunk + i, why) for i, why in b)
+    return np.concatenate(sizes), bad
+
+
+def find_duplicates(paths: Sequence[str]) -> List[Tuple[int, str]]:
+    """Later occurrences of a path already listed: they would be seen twice per epoch."""
+    first = {}
+    dups = []
+    for i, p in enumerate(paths):
+        key = os.path.normpath(p)
+        if key in first:
+            dups.append((i, f"duplicate of line {first[key] + 1}"))
+        else:
+            first[key] = i
+    return dups
+
+
+def find_bad_labels(labels: np.ndarray, num_classes: Optional[int]) -> List[Tuple[int, str]]:
+    """Labels below 0 or (when the class count is known) at or above it."""
+    top = num_classes if num_classes else np.iinfo(np.int64).max
+    out = np.nonzero((labels < 0) | (labels >= top))[0]
+    rng = f"[0, {num_classes})" if num_classes else ">= 0"
+    return [(int(i), f"label {int(labels[i])} out of range {rng}") for i in out]

@@ -1,0 +1,234 @@
+"""DALI loader: our plan feeds DALI through external_source; our iterator reads DLPack.
+
+Why external_source and not fn.readers.file: the shuffle, the shard and every crop
+window come from ppdpn.data.plan (deterministic in (seed, epoch, sample)), so a resumed
+run repeats its batches exactly; the reader would bring its own RNG and order. Feeding
+the bytes ourselves also tells us which file sits in which slot, so a file that breaks
+a batch is found, named and replaced, where a broken reader stays broken.
+
+A pipeline is built per epoch (and rebuilt after a decode failure, from the failed
+step): it holds no state of ours, and building one takes milliseconds.
+The official nvidia.dali.plugin.paddle iterator fails on CPU Paddle (PLATFORM.md);
+DALI's default executor keeps outputs alive while referenced, so handing its buffers
+to paddle through DLPack is zero-copy and safe.
+"""
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ppdpn.data.base import MEAN_255, STD_255, SUBSTITUTE_SIZE, LoaderBase, _substitute_jpeg, log
+
+# Batches whose files are read ahead by threads while DALI decodes (np.fromfile
+# releases the GIL, so reading overlaps decoding even on 2 cores).
+READ_AHEAD = 3
+# A step that fails this often even after substitution is a bug, not a bad file.
+MAX_FAILURES_PER_STEP = 3
+
+
+def _read_bytes(path: str):
+    """File bytes as uint8, or the reason it cannot be read."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        return f"unreadable mid-run ({e.strerror or e})"
+    return data if data.size else "empty mid-run (0 bytes)"
+
+
+def _is_data_error(err: Exception) -> bool:
+    """An error raised while an operator (the decoder) ran, as opposed to one in feeding."""
+    text = str(err)
+    return bool(re.search(r"Error in \w+ operator", text)) or "decode" in text.lower()
+
+
+class _Feeder:
+    """DALI's external source for one run of steps: each call returns the next batch's
+    encoded bytes and crop windows, substituting files known or found to be bad."""
+
+    def __init__(self, loader: "DaliLoader", epoch: int, idx: np.ndarray, start: int):
+        self.loader, self.epoch, self.idx, self.step = loader, epoch, idx, start
+        self.substituted: Dict[int, np.ndarray] = {}  # step -> bool [B]
+        self.fed: Dict[int, Dict[int, np.ndarray]] = {}  # step -> {slot: bytes} fed as is
+        self._pool = ThreadPoolExecutor(max_workers=2)
+        self._reads: Dict[int, object] = {}
+
+    def _prefetch(self, step: int) -> None:
+        for s in range(step, min(step + READ_AHEAD, len(self.idx))):
+            if s not in self._reads:
+                paths = [self.loader.samples.paths[i] for i in self.idx[s]]
+                self._reads[s] = self._pool.submit(lambda ps: [_read_bytes(p) for p in ps], paths)
+
+    def __call__(self):
+        s = self.step
+        if s >= len(self.idx):
+            raise StopIteration
+        self.step += 1
+        self._prefetch(s)
+        raw = self._reads.pop(s).result()
+        loader, row = self.loader, self.idx[s]
+        win, flips = loader.windows(self.epoch, row)
+        forced = (self.epoch, s) in loader._forced
+        subs = np.zeros(len(row), dtype=bool)
+        enc, self.fed[s] = [], {}
+        for k, (i, data) in enumerate(zip(row, raw)):
+            if isinstance(data, str):
+                loader.record_failure(int(i), data)
+            if forced or isinstance(data, str) or int(i) in loader.failed:
+                subs[k] = True
+                data = loader.substitute
+                win[k] = (0, 0, SUBSTITUTE_SIZE, SUBSTITUTE_SIZE)
+            else:
+                self.fed[s][k] = data
+            enc.append(data)
+        self.substituted[s] = subs
+        return loader.pipeline_inputs(enc, win, flips)
+
+    def release(self, step: int) -> None:
+        """Forget the bytes of steps before `step`: DALI is done with them."""
+        for s in [s for s in self.fed if s < step]:
+            del self.fed[s], self.substituted[s]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DaliLoader(LoaderBase):
+    """DALI pipelines (mixed/nvJPEG decode on GPU, CPU decode otherwise) + own iterator."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.substitute = _substitute_jpeg()
+        self.decode_device = "mixed" if self.ctx.use_gpu else "cpu"  # DistContext decides
+
+    def pipeline_inputs(self, enc: List[np.ndarray], win: np.ndarray, flips: np.ndarray):
+        """Per-sample inputs of the external source, in the order build_pipeline expects."""
+        # Dense [B, ...] arrays: DALI takes them as a batch without per-sample overhead.
+        win = np.asarray(win, dtype=np.float32)
+        # (DALI rejects strided views, hence the contiguous copies.)
+        if self.is_train:  # image_slice: anchor (x, y) and shape (w, h) in pixels
+            return (enc, np.ascontiguousarray(win[:, :2]), np.ascontiguousarray(win[:, 2:]),
+                    np.asarray(flips, dtype=np.int32))
+        starts = np.ascontiguousarray(win[:, [1, 0]])  # resize's ROI is in shape order: (y, x)
+        return enc, starts, np.ascontiguousarray(starts + win[:, [3, 2]])
+
+    def build_pipeline(self, source):
+        """Train: ROI decode of the crop window, resize, flip, normalise.
+        Eval: decode, resize the centre-crop window to image_size (equal to PaddleClas's
+        resize-short-then-crop, see plan.eval_windows), normalise."""
+        from nvidia.dali import Pipeline, fn, types
+        cfg, size = self.cfg, [self.image_size, self.image_size]
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, cfg.num_workers),
+                        device_id=self.ctx.dali_device_id, prefetch_queue_depth=cfg.prefetch)
+        # Bilinear without antialiasing, like cv2.INTER_LINEAR in PaddleClas and in our
+        # fallback loader; EXIF orientation ignored so header sizes match decoded pixels.
+        resize = dict(interp_type=types.INTERP_LINEAR, antialias=False)
+        with pipe:
+            if self.is_train:
+                enc, anchor, shape, flip = fn.external_source(
+                    source=source, num_outputs=4, batch=True,
+                    dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32])
+                img = fn.decoders.image_slice(
+                    enc, anchor, shape, device=self.decode_device, output_type=types.RGB,
+                    normalized_anchor=False, normalized_shape=False, adjust_orientation=False)
+                img = fn.resize(img, size=size, **resize)
+            else:
+                enc, start, end = fn.external_source(
+                    source=source, num_outputs=3, batch=True,
+                    dtype=[types.UINT8, types.FLOAT, types.FLOAT])
+                img = fn.decoders.image(enc, device=self.decode_device, output_type=types.RGB,
+                                        adjust_orientation=False)
+                img = fn.resize(img, size=size, roi_start=start, roi_end=end,
+                                roi_relative=False, **resize)
+                flip = 0
+            out = fn.crop_mirror_normalize(
+                img, mirror=flip, mean=list(MEAN_255), std=list(STD_255),
+                dtype=types.FLOAT16 if cfg.output_dtype == "float16" else types.FLOAT,
+                output_layout="CHW" if cfg.output_layout == "NCHW" else "HWC")
+            pipe.set_outputs(out)
+        pipe.build()
+        return pipe
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        """Yield (images, labels int64, valid float32) for steps start_step.. of `epoch`."""
+        from paddle.utils.dlpack import from_dlpack
+        self._check_start(start_step)
+        idx, valid = self.plan.batches(epoch)
+        step, failures = start_step, 0
+        while step < self.steps_per_epoch:
+            feeder = _Feeder(self, epoch, idx, step)
+            pipe = self.build_pipeline(feeder)
+            try:
+                while step < self.steps_per_epoch:
+                    try:
+                        (out,) = pipe.run()
+                    except RuntimeError as err:
+                        if not _is_data_error(err):
+                            raise  # a bug of ours or of the setup, not a bad file
+                        failures += 1
+                        self._on_failure(err, feeder, epoch, step, failures)
+                        break  # rebuild the pipeline and feed this step again
+                    # stream=None: DALI waits on the host, so the tensor is ready for paddle
+                    images = from_dlpack(out.as_tensor().__dlpack__(None))
+                    ok = valid[step] * ~feeder.substituted[step]
+                    feeder.release(step)
+                    labels, ok = self.targets(idx[step], ok)
+                    yield images, labels, ok
+                    step, failures = step + 1, 0
+            finally:
+                feeder.close()
+                del pipe
+
+    def _on_failure(self, err: Exception, feeder: _Feeder, epoch: int, step: int,
+                    failures: int) -> None:
+        """Find the file(s) that broke a batch, record them, or substitute the batch."""
+        text = str(err)
+        suspects = []
+        for s in sorted(feeder.fed):  # the failed step first, then those prefetched
+            if s >= step:
+                suspects += [(s, k, feeder.fed[s][k]) for k in sorted(feeder.fed[s])]
+        found = 0
+        named = re.search(r"sample #(\d+)", text)  # DALI names the slot, not the file
+        if named:
+            k = int(named.group(1))
+            hit = [x for x in suspects if x[0] == step and x[1] == k]
+            suspects = hit + [x for x in suspects if x not in hit]
+        for s, k, data in suspects:
+            why = self.decode_alone(data)
+            if why:
+                self.record_failure(int(feeder.idx[s][k]), why)
+                found += 1
+                if s == step and named:
+                    break  # the named slot is confirmed; others are checked if it recurs
+        if found and failures < MAX_FAILURES_PER_STEP:
+            return
+        names = [self.samples.paths[i] for i in feeder.idx[step]]
+        if (epoch, step) in self._forced:  # even the stand-in image failed: not a file issue
+            raise RuntimeError(f"step {step} of epoch {epoch} keeps failing; files: "
+                               f"{names}; DALI: {text}") from err
+        self._forced.add((epoch, step))
+        log.warning("batch %d of epoch %d failed and no single file explains it; "
+                    "substituting all of it (rank %d). Files: %s. DALI: %s",
+                    step, epoch, self.ctx.rank, ", ".join(names), text.strip()[-500:])
+
+    def decode_alone(self, data: np.ndarray) -> Optional[str]:
+        """Decode one file in a batch-of-one pipeline on the same device; the error or None."""
+        from nvidia.dali import Pipeline, fn, types
+        pipe = Pipeline(batch_size=1, num_threads=1, device_id=self.ctx.dali_device_id,
+                        prefetch_queue_depth=1)
+        with pipe:
+            enc = fn.external_source(source=lambda: [data], batch=True, dtype=types.UINT8)
+            pipe.set_outputs(fn.decoders.image(enc, device=self.decode_device,
+                                               output_type=types.RGB))
+        try:
+            pipe.build()
+            pipe.run()
+        except RuntimeError as e:
+            if not _is_data_error(e):
+                raise
+            return f"DALI ({self.decode_device}) cannot decode it"
+        finally:
+            del pipe
+        return None

@@ -1,0 +1,131 @@
+"""Loader without DALI: paddle.io.DataLoader with OpenCV workers.
+
+It takes its batches, shard, crop windows and flips from the same plan as the DALI
+loader (ppdpn.data.plan), so both have the same crop distribution, the same sharding
+and the same exactly-once guarantee by construction; only the decoder differs.
+The transforms are PaddleClas's: cv2 decode to RGB, crop, cv2.resize INTER_LINEAR,
+flip, (x - mean) / std, HWC -> CHW.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+
+from ppdpn.data.base import MEAN_255, STD_255, LoaderBase
+from ppdpn.data.check import BadFile, image_header
+from ppdpn.data.plan import eval_geometry
+
+# (sample index, x, y, w, h, flip): one sample's work, decided in the main process.
+Job = Tuple[int, int, int, int, int, int]
+
+
+def _single_threaded_cv2() -> None:
+    """Called in the parent before the DataLoader forks its workers, never in a worker:
+    once the parent has used OpenCV's thread pool, cv2.setNumThreads in a forked worker
+    hangs forever (seen here). The workers inherit one thread each, which is what we
+    want anyway: the worker processes already fill the cores."""
+    import cv2
+    cv2.setNumThreads(1)
+
+
+class _JobDataset:
+    """Map-style data set indexed by jobs rather than by sample number."""
+
+    def __init__(self, paths: List[str], labels: np.ndarray, train: bool, size: int,
+                 resize_short: int, layout: str, dtype: str):
+        self.paths, self.labels, self.train, self.size = paths, labels, train, size
+        self.resize_short, self.layout, self.dtype = resize_short, layout, dtype
+        self.mean = np.asarray(MEAN_255, dtype=np.float32)
+        self.inv_std = 1.0 / np.asarray(STD_255, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _decode(self, path: str) -> np.ndarray:
+        import cv2
+        img = cv2.imdecode(np.fromfile(path, dtype=np.uint8),
+                           cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if img is None:
+            raise ValueError("OpenCV cannot decode it")
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+    def transform(self, img: np.ndarray, job: Job) -> np.ndarray:
+        import cv2
+        _, x, y, w, h, flip = job
+        if self.train:
+            img = cv2.resize(img[y:y + h, x:x + w], (self.size, self.size),
+                             interpolation=cv2.INTER_LINEAR)
+            if flip:
+                img = img[:, ::-1]
+        else:
+            ih, iw = img.shape[:2]
+            rw, rh, x0, y0 = eval_geometry(iw, ih, self.resize_short, self.size)
+            img = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_LINEAR)
+            img = img[y0:y0 + self.size, x0:x0 + self.size]
+        out = (img.astype(np.float32) - self.mean) * self.inv_std
+        if self.layout == "NCHW":
+            out = out.transpose(2, 0, 1)
+        return np.ascontiguousarray(out, dtype=self.dtype)
+
+    def __getitem__(self, job: Job):
+        """(image, ok): ok = 0 when the file failed. Never raised: a raising worker kills
+        the whole DataLoader without naming the file (PLATFORM.md)."""
+        try:
+            return self.transform(self._decode(self.paths[job[0]]), job), np.int32(1)
+        except Exception:
+            shape = (3, self.size, self.size) if self.layout == "NCHW" else (self.size, self.size, 3)
+            return np.zeros(shape, dtype=self.dtype), np.int32(0)
+
+
+def _collate(items):
+    imgs, ok = zip(*items)
+    return np.stack(imgs), np.asarray(ok, dtype=np.int32)
+
+
+class FallbackLoader(LoaderBase):
+    """paddle.io.DataLoader over the plan's batches; a new DataLoader per epoch, so
+    worker processes see the current epoch's jobs and the failed-file book."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        c = self.cfg
+        self.dataset = _JobDataset(self.samples.paths, self.samples.labels, self.is_train,
+                                   self.image_size, c.resize_short, c.output_layout,
+                                   c.output_dtype)
+
+    def jobs(self, epoch: int, idx: np.ndarray, start_step: int) -> List[List[Job]]:
+        batches = []
+        for row in idx[start_step:]:
+            win, flips = self.windows(epoch, row)
+            win = np.rint(win).astype(np.int64)  # eval windows are unused here (see transform)
+            batches.append([(int(i), *map(int, w), int(f)) for i, w, f in zip(row, win, flips)])
+        return batches
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        """Yield (images, labels int64, valid float32) for steps start_step.. of `epoch`."""
+        import paddle
+        self._check_start(start_step)
+        idx, valid = self.plan.batches(epoch)
+        if self.cfg.num_workers:
+            _single_threaded_cv2()
+        loader = paddle.io.DataLoader(
+            self.dataset, batch_sampler=self.jobs(epoch, idx, start_step),
+            num_workers=self.cfg.num_workers, collate_fn=_collate, return_list=True,
+            prefetch_factor=self.cfg.prefetch)
+        for step, (images, ok) in enumerate(loader, start_step):
+            ok = ok.numpy().astype(bool)
+            for k in np.nonzero(~ok)[0]:
+                self.record_failure(int(idx[step][k]), self._diagnose(int(idx[step][k])))
+            if self.ctx.use_gpu:
+                images = paddle.to_tensor(images, place=self.place())
+            labels, keep = self.targets(idx[step], valid[step] * ok)
+            yield images, labels, keep
+
+    def _diagnose(self, sample: int) -> str:
+        """Why a file failed in a worker (workers can only say 'failed')."""
+        try:
+            image_header(self.samples.paths[sample])
+        except BadFile as e:
+            return f"{e} (mid-run)"
+        return "decode failed (OpenCV cannot decode it)"

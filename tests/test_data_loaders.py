@@ -1,0 +1,206 @@
+"""Both loaders on tiny data sets: exactly once, resume, transforms, bad files."""
+import logging
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from ppdpn.config import DataConfig
+from ppdpn.data import build_loader
+from ppdpn.data.base import MEAN_255, STD_255, BadDataError
+from ppdpn.dist import DistContext
+
+BACKENDS = ["dali", "fallback"]
+N_ODD = 23  # odd, and not a multiple of any world size or batch size used here
+
+
+def write_images(root, n, seed=0, ext=".jpg", label=lambda i: i):
+    """n smooth random images of varied size; list label = `label(i)` (the index by
+    default, so each sample is identifiable from its label)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    os.makedirs(root / "img", exist_ok=True)
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(24, 72, 2))
+        img = cv2.resize(rng.integers(0, 256, (4, 4, 3)).astype(np.uint8), (w, h))
+        cv2.imwrite(str(root / "img" / f"{i:03d}{ext}"), img)
+        lines.append(f"img/{i:03d}{ext} {label(i)}\n")
+    (root / "train_list.txt").write_text("".join(lines))
+    (root / "val_list.txt").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture(scope="module")
+def odd_set(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("odd"), N_ODD)
+
+
+def cfg_for(root, backend, **kw):
+    base = dict(backend=backend, image_root=str(root), batch_size=4, num_workers=1,
+                image_size=16, resize_short=18)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def collect(loader, epoch, start=0):
+    out = []
+    for images, labels, valid in loader.epoch(epoch, start):
+        out.append((images.numpy(), labels.numpy(), valid.numpy()))
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_exactly_once_per_epoch_on_every_shard(odd_set, backend, world):
+    cfg = cfg_for(odd_set, backend)
+    loaders = [build_loader(cfg, "train", DistContext(rank=r, world_size=world), seed=5)
+               for r in range(world)]
+    assert len({ld.steps_per_epoch for ld in loaders}) == 1
+    orders = []
+    for epoch in range(3):
+        seen = []
+        for ld in loaders:
+            batches = collect(ld, epoch)
+            assert len(batches) == ld.steps_per_epoch
+            for images, labels, valid in batches:
+                assert images.shape == (4, 3, 16, 16) and labels.dtype == np.int64
+                seen += labels[valid == 1].tolist()
+        assert sorted(seen) == list(range(N_ODD))
+        orders.append(seen)
+    assert orders[0] != orders[1] != orders[2]  # shuffled per epoch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch_repeats_the_same_batches(odd_set, backend):
+    cfg = cfg_for(odd_set, backend)
+    full = collect(build_loader(cfg, "train", DistContext(), seed=3), epoch=2)
+    resumed = collect(build_loader(cfg, "train", DistContext(), seed=3), epoch=2, start=3)
+    assert len(resumed) == len(full) - 3
+    for (a, la, va), (b, lb, vb) in zip(full[3:], resumed):
+        assert np.array_equal(la, lb) and np.array_equal(va, vb)
+        assert np.array_equal(a, b)  # same crops and flips, bit for bit
+
+
+def test_dali_and_fallback_crop_alike(odd_set):
+    """Same plan, same crop windows and flips: only the decoders differ (< 2 levels)."""
+    out = {}
+    for backend in BACKENDS:
+        ld = build_loader(cfg_for(odd_set, backend, batch_size=8), "train", DistContext(), seed=1)
+        out[backend] = collect(ld, epoch=4)
+    for (a, la, _), (b, lb, _) in zip(out["dali"], out["fallback"]):
+        assert np.array_equal(la, lb)
+        levels = np.abs(a - b) * np.asarray(STD_255)[None, :, None, None]
+        assert levels.mean() < 2.0, levels.mean()
+
+
+def _solid_png(root, colour, size=(40, 30)):
+    os.makedirs(root / "img", exist_ok=True)
+    img = np.zeros((size[1], size[0], 3), np.uint8)
+    img[:] = colour[::-1]  # cv2 writes BGR
+    cv2.imwrite(str(root / "img" / "solid.png"), img)
+    for name in ("train_list.txt", "val_list.txt"):
+        (root / name).write_text("img/solid.png 0\n")
+    return root
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_normalisation_shapes_and_output_options(tmp_path, backend, split):
+    colour = (200, 100, 50)
+    root = _solid_png(tmp_path, colour)
+    expect = (np.asarray(colour) - np.asarray(MEAN_255)) / np.asarray(STD_255)
+    ld = build_loader(cfg_for(root, backend, batch_size=2), split, DistContext(), seed=0)
+    (images, labels, valid), = collect(ld, 0)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == np.float32
+    assert valid.tolist() == [1.0, 0.0]  # one sample, padded to the batch
+    assert np.abs(images - expect[None, :, None, None]).max() < 1e-4
+    cfg = cfg_for(root, backend, batch_size=2, output_layout="NHWC", output_dtype="float16")
+    (images, _, _), = collect(build_loader(cfg, split, DistContext(), seed=0), 0)
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.float16
+    assert np.abs(images.astype(np.float32) - expect).max() < 1e-2
+
+
+def _opencv_eval(path, resize_short, crop):
+    """PaddleClas's eval transform, written out (FACTS.md section 5)."""
+    img = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+    h, w = img.shape[:2]
+    percent = resize_short / min(w, h)
+    rw, rh = int(round(w * percent)), int(round(h * percent))
+    img = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_LINEAR)
+    x, y = (rw - crop) // 2, (rh - crop) // 2
+    return img[y:y + crop, x:x + crop].astype(np.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_crop_is_centred_like_paddleclas(tmp_path, backend):
+    # A lossless image whose pixels encode their position: an off-centre crop would show.
+    os.makedirs(tmp_path / "img")
+    y, x = np.mgrid[0:61, 0:97]
+    img = np.stack([x * 2, y * 4, (x + y) % 256], -1).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "img" / "ramp.png"), img[..., ::-1])
+    (tmp_path / "val_list.txt").write_text("img/ramp.png 0\n")
+    ld = build_loader(cfg_for(tmp_path, backend, batch_size=1, image_size=32, resize_short=40),
+                      "val", DistContext(), seed=0)
+    (images, _, _), = collect(ld, 0)
+    got = images[0].transpose(1, 2, 0) * np.asarray(STD_255) + np.asarray(MEAN_255)
+    ref = _opencv_eval(str(tmp_path / "img" / "ramp.png"), 40, 32)
+    assert np.abs(got - ref).mean() < 1.0
+    assert np.abs(got - ref).max() < 3.0
+
+
+def _plant_bad(root, names):
+    """Bad files the header check cannot catch (corrupt scan header) or that vanish."""
+    good = (root / "img" / names[0]).read_bytes()
+    sos = good.find(b"\xff\xda")
+    (root / "img" / names[0]).write_bytes(good[:sos + 4] + b"\x77" * 16 + good[sos + 20:])
+    os.remove(root / "img" / names[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_file_failing_mid_run_is_skipped_and_named(tmp_path, backend, caplog):
+    root = write_images(tmp_path, 13)
+    ld = build_loader(cfg_for(root, backend), "train", DistContext(), seed=0)
+    _plant_bad(root, ["004.jpg", "009.jpg"])  # after the pre-flight check
+    with caplog.at_level(logging.WARNING, logger="ppdpn.data"):
+        for epoch in range(2):
+            batches = collect(ld, epoch)
+            assert len(batches) == ld.steps_per_epoch
+            seen = sorted(sum((lab[v == 1].tolist() for _, lab, v in batches), []))
+            assert seen == [i for i in range(13) if i not in (4, 9)]
+    text = caplog.text
+    assert "004.jpg" in text and "009.jpg" in text
+    assert text.count("004.jpg") == 1  # logged once, then substituted quietly
+
+
+def test_preflight_stops_with_every_bad_file_or_drops_them(tmp_path, caplog):
+    root = write_images(tmp_path, 8)
+    (root / "img" / "002.jpg").write_bytes(b"")
+    (root / "img" / "003.jpg").write_text("this is not an image" * 10)
+    data = (root / "img" / "005.jpg").read_bytes()
+    (root / "img" / "005.jpg").write_bytes(data[:len(data) // 2])
+    os.remove(root / "img" / "006.jpg")
+    with pytest.raises(BadDataError) as err:
+        build_loader(cfg_for(root, "dali"), "train", DistContext(), seed=0)
+    msg = str(err.value)
+    for name, why in [("002", "empty"), ("003", "not a JPEG"), ("005", "truncated"),
+                      ("006", "missing")]:
+        assert any(name in line and why in line for line in msg.splitlines()), (name, msg)
+    with caplog.at_level(logging.WARNING, logger="ppdpn.data"):
+        ld = build_loader(cfg_for(root, "dali", drop_bad_files=True), "train", DistContext(), 0)
+    assert ld.num_samples == 4 and "dropping 4 bad of 8" in caplog.text
+    seen = sorted(sum((lab[v == 1].tolist() for _, lab, v in collect(ld, 0)), []))
+    assert seen == [0, 1, 4, 7]
+
+
+def test_class_folder_tree_and_label_check(tmp_path):
+    for c, name in enumerate(["b_cat", "a_dog"]):
+        write_images(tmp_path / "val" / name, 3, seed=c)
+    ld = build_loader(cfg_for(tmp_path, "fallback", val_list="val"), "val", DistContext(), 0)
+    assert ld.num_samples == 6
+    assert sorted(set(ld.samples.labels.tolist())) == [0, 1]
+    assert all("a_dog" in p for p, y in zip(ld.samples.paths, ld.samples.labels) if y == 0)
+    root = write_images(tmp_path / "lab", 4, label=lambda i: i * 5)
+    with pytest.raises(BadDataError, match="out of range"):
+        build_loader(cfg_for(root, "dali"), "train", DistContext(), 0, num_classes=10)
+
