@@ -83,9 +83,12 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(model, cfg.Optimizer, lr_sched, multi_precision)
     if amp.enabled and amp.level == "O2":  # fp16/bf16 weights with fp32 master copies
         model, optimizer = paddle.amp.decorate(model, optimizer, level="O2", dtype=amp.dtype)
-    resumed = session.resume(cfg, model, optimizer, amp, state, log=log.info)
+    resumed = session.resume(cfg, model, optimizer, amp, state, train_loader.steps_per_epoch,
+                             log=log.info)
     lr_sched.last_epoch = state.global_step - 1
     lr_sched.step()  # recompute the LR for the resumed step
+    log.info(f"[run] starting at global step {state.global_step} of "
+             f"{cfg.Global.epochs * train_loader.steps_per_epoch}, LR {lr_sched.get_lr():.8g}")
     if ctx.is_main:
         save_resolved(cfg, cfg.Global.output_dir, {**derived, "resumed_from": resumed})
         log.text("config", json.dumps(cfg.to_dict(), indent=1))
@@ -102,7 +105,7 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
     """Epochs of train / eval / checkpoint until done, stopped or failed."""
     from ppdpn.data import mix_batch
     g = cfg.Global
-    saver = session.Saver(cfg, model, optimizer, amp, log)
+    saver = session.Saver(cfg, model, optimizer, amp, log, train_loader.steps_per_epoch)
     clock = session.Progress(cfg, train_loader, lr_sched, state, log)
     if state.global_step == 0:
         session.log_sample_images(train_loader, log, cfg)
@@ -130,6 +133,7 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
             if last or state.epoch % g.eval_interval == 0:
                 dist.average_buffers(model)
                 metrics = evaluate(model_dp, val_loader, amp)
+                session.check_finite_eval(metrics, state)
                 log.scalars("eval", state.global_step, {k: metrics[k] for k in ("loss", "top1", "top5")})
             clock.end_epoch(metrics)
             is_best = metrics is not None and metrics["top1"] > state.best_metric

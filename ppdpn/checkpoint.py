@@ -6,6 +6,7 @@ Layout under `<output_dir>/checkpoints/`:
                               without a matching record is never trusted)
   latest                      name of the newest complete checkpoint
   best.pdckpt (+ .json)       the checkpoint with the best eval top-1
+  superseded/                 checkpoints numbered above a newer save (see _prune)
 A new checkpoint is complete before any older one is deleted.
 """
 from __future__ import annotations
@@ -16,12 +17,14 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import paddle
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)\.pdckpt$")
+# Files atomic_write_bytes writes aside; a process killed mid-write leaves one behind.
+TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -117,7 +120,8 @@ def _rename(key: str, mapping: dict) -> str:
 
 # ---------------------------------------------------------------- save / load
 
-def save_checkpoint(state: dict, ckpt_dir, keep_last: int = 3, is_best: bool = False) -> Path:
+def save_checkpoint(state: dict, ckpt_dir, keep_last: int = 3, is_best: bool = False,
+                    log: Callable = print) -> Path:
     """Save `state` (must hold 'global_step') as the newest checkpoint; prune old ones."""
     ckpt_dir = Path(ckpt_dir)
     try:
@@ -135,13 +139,66 @@ def save_checkpoint(state: dict, ckpt_dir, keep_last: int = 3, is_best: bool = F
     if is_best:
         atomic_write_bytes(ckpt_dir / "best.pdckpt", data)
         atomic_write_bytes(ckpt_dir / "best.json", json.dumps(record).encode())
-    _prune(ckpt_dir, keep_last)
+    _prune(ckpt_dir, keep_last, path, log)
     return path
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-        for p in (old, old.with_suffix(".json")):
+def _size_matches(path: Path) -> bool:
+    """The cheap half of verify_checkpoint: a record exists and the size agrees."""
+    try:
+        record = json.loads(path.with_suffix(".json").read_text())
+        return isinstance(record, dict) and path.stat().st_size == record.get("size")
+    except (OSError, ValueError):
+        return False
+
+
+def _prune(ckpt_dir: Path, keep_last: int, newest: Path, log: Callable) -> None:
+    """Called once `newest` is complete. Keeps it and the keep_last - 1 intact ones
+    before it; torn ones (size differs from the record) do not count and go too.
+
+    Checkpoints numbered above `newest` come from a line of training this run left: it
+    resumed from an earlier checkpoint (the newer ones were torn, or Global.checkpoints
+    named an older one), or a new world size renumbered the steps. Left in place they
+    would be taken for the newest on the next resume and would push `newest` out here,
+    so they move to superseded/ (never deleted: they may be all a user has of that line).
+    """
+    step = int(CKPT_RE.match(newest.name).group(1))
+    older = []
+    for p in list_checkpoints(ckpt_dir):
+        n = int(CKPT_RE.match(p.name).group(1))
+        if n > step:
+            _move_aside(p, ckpt_dir / "superseded", log)
+        elif n < step:
+            older.append(p)
+    intact = [p for p in older if _size_matches(p)]
+    keep = set(intact[len(intact) - (keep_last - 1):]) if keep_last > 1 else set()
+    for old in older:
+        if old not in keep:
+            for p in (old, old.with_suffix(".json")):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+    _remove_stale_tmp(ckpt_dir)
+
+
+def _move_aside(path: Path, dest: Path, log: Callable) -> None:
+    try:
+        dest.mkdir(exist_ok=True)
+        for p in (path, path.with_suffix(".json")):
+            if p.exists():
+                os.replace(p, dest / p.name)
+        log(f"[checkpoint] moved {path.name} to {dest}: numbered after the newest save")
+    except OSError as e:  # keep going: the new checkpoint is safe either way
+        log(f"[checkpoint] could not move {path} to {dest}: {e}")
+
+
+def _remove_stale_tmp(ckpt_dir: Path) -> None:
+    """Half-written files of a process killed mid-save (only rank 0 of one job writes
+    here, so any other process's temporary file is dead)."""
+    for p in ckpt_dir.iterdir():
+        m = TMP_RE.match(p.name)
+        if m and int(m.group(1)) != os.getpid():
             try:
                 p.unlink()
             except OSError:
@@ -170,6 +227,8 @@ def verify_checkpoint(path) -> Optional[str]:
         data = path.read_bytes()
     except (OSError, ValueError) as e:
         return f"unreadable ({e})"
+    if not isinstance(record, dict):
+        return f"integrity record {meta.name} is not a JSON object (overwritten)"
     if len(data) != record.get("size"):
         return f"size {len(data)} != recorded {record.get('size')} (truncated or overwritten)"
     if hashlib.sha256(data).hexdigest() != record.get("sha256"):
@@ -195,10 +254,24 @@ def load_checkpoint(path, verify: bool = True) -> dict:
         reason = verify_checkpoint(path)
         if reason:
             raise CheckpointError(f"checkpoint {path} is not valid: {reason}")
-    state = safe_load(str(path))
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not a ppdpn checkpoint (no 'model' entry)")
+    try:
+        state = safe_load(str(path))
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not loadable"
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: "
+                              f"{str(e)[:300]}") from e
+    _check_format(state, path)
     return state
+
+
+def _check_format(state, path) -> None:
+    """A dict with a 'model' dict of numeric arrays: anything else is not ours."""
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path} is not a ppdpn checkpoint (no 'model' entry)")
+    for key, value in state["model"].items():
+        if not (isinstance(key, str) and isinstance(value, np.ndarray)
+                and (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_)):
+            raise CheckpointError(f"{path}: model entry {str(key)[:80]!r} is not a numeric "
+                                  f"array ({type(value).__name__})")
 
 
 def latest_checkpoint(out_or_ckpt_dir, log=print) -> Optional[Path]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import reprlib
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,20 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad recipe or override; the message names the key, value and source."""
+
+
+# Ints must fit int64 (numpy, Paddle); YAML reads any number of digits.
+_INT_LIMIT = 2 ** 63
+# What yaml.safe_load raises besides YAMLError: ValueError (a timestamp like 2001-13-45,
+# an int of more than 4300 digits), OverflowError, RecursionError (deeply nested text).
+_YAML_ERRORS = (yaml.YAMLError, ValueError, OverflowError, RecursionError)
+_short_repr = reprlib.Repr()
+_short_repr.maxstring, _short_repr.maxother, _short_repr.maxlevel = 80, 80, 3
+
+
+def _show(value) -> str:
+    """repr() bounded in length and depth: values in messages may be huge or nested."""
+    return _short_repr.repr(value)
 
 
 def _f(default, *, min=None, max=None, choices=None, doc=""):
@@ -40,7 +56,7 @@ class GlobalConfig:
     keep_last: int = _f(3, min=1, doc="checkpoints kept besides the best")
     eval_interval: int = _f(1, min=1)
     print_interval: int = _f(10, min=1, doc="steps between progress lines")
-    seed: int = _f(42, min=0)
+    seed: int = _f(42, min=0, max=2 ** 32 - 1, doc="numpy takes 32-bit seeds")
     deterministic: bool = _f(False, doc="deterministic kernels (CPU runs are bit-exact)")
     device: str = _f("auto", choices=["auto", "gpu", "cpu"])
     max_steps: int = _f(0, min=0, doc="stop after this many global steps (0: no limit)")
@@ -147,26 +163,39 @@ def _coerce(tp, value, key: str, src: str):
     if origin in (list, List):
         (inner,) = get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{src}: {key}={value!r} must be a list of {_type_name(inner)}")
+            raise ConfigError(f"{src}: {key}={_show(value)} must be a list of {_type_name(inner)}")
         return [_coerce(inner, v, f"{key}[{i}]", src) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= _INT_LIMIT:
+                raise ConfigError(f"{src}: {key}={_show(value)} does not fit 64 bits")
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            number = value
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            try:
+                number = float(number)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{src}: {key}={_show(value)} must be a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
+            if "\x00" in value:  # no path or name may hold one; the OS refuses it later
+                raise ConfigError(f"{src}: {key}={_show(value)} contains a NUL character")
             return value
-    raise ConfigError(f"{src}: {key}={value!r} must be of type {_type_name(tp)}, "
+    raise ConfigError(f"{src}: {key}={_show(value)} must be of type {_type_name(tp)}, "
                       f"got {type(value).__name__}")
 
 
@@ -176,11 +205,11 @@ def _check_value(meta, value, key, src):
     values = value if isinstance(value, list) else [value]
     for v in values:
         if meta.get("choices") and v not in meta["choices"]:
-            raise ConfigError(f"{src}: {key}={v!r} is not one of {meta['choices']}")
+            raise ConfigError(f"{src}: {key}={_show(v)} is not one of {meta['choices']}")
         if meta.get("min") is not None and v < meta["min"]:
-            raise ConfigError(f"{src}: {key}={v!r} must be >= {meta['min']}")
+            raise ConfigError(f"{src}: {key}={_show(v)} must be >= {meta['min']}")
         if meta.get("max") is not None and v > meta["max"]:
-            raise ConfigError(f"{src}: {key}={v!r} must be <= {meta['max']}")
+            raise ConfigError(f"{src}: {key}={_show(v)} must be <= {meta['max']}")
 
 
 def _build(cls, raw: Any, prefix: str, src: str):
@@ -188,13 +217,13 @@ def _build(cls, raw: Any, prefix: str, src: str):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: {prefix or 'top level'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{src}: {prefix or 'top level'} must be a mapping, got {_show(raw)}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted((k for k in raw if k not in fields), key=str)  # YAML keys may be any type
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"{src}: unknown key {where}{unknown[0]} "
+        raise ConfigError(f"{src}: unknown key {where}{str(unknown[0])[:80]} "
                           f"(known under {prefix or 'top level'}: {', '.join(fields)})")
     kwargs = {}
     for name, value in raw.items():
@@ -238,15 +267,16 @@ def _cross_check(cfg: Config, src: str) -> None:
 def parse_override(text: str):
     """`Section.key=value` -> (['Section', 'key'], value parsed as YAML, never eval)."""
     if not isinstance(text, str) or "=" not in text:
-        raise ConfigError(f"override {text!r} must look like Section.key=value")
+        raise ConfigError(f"override {_show(text)} must look like Section.key=value")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not key.strip() or any(not p or not p.replace("_", "").isalnum() for p in parts):
-        raise ConfigError(f"override {text!r}: bad key {key!r}")
+        raise ConfigError(f"override {_show(text)}: bad key {_show(key)}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({e.__class__.__name__})")
+    except _YAML_ERRORS as e:
+        raise ConfigError(f"override {_show(text)}: value is not valid YAML "
+                          f"({e.__class__.__name__}: {str(e)[:100]})") from None
     return parts, value
 
 
@@ -257,7 +287,7 @@ def _apply_override(raw: dict, parts, value, text):
         if child is None:
             child = node[p] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {text!r}: {p} is not a section")
+            raise ConfigError(f"override {_show(text)}: {p} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -271,9 +301,13 @@ def load_config(path: Optional[str] = None, overrides=()) -> Config:
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{src}: not valid YAML: {e}")
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"{src}: cannot read: {e.strerror or e}") from None
+        except _YAML_ERRORS as e:
+            raise ConfigError(f"{src}: not valid YAML: {e.__class__.__name__}: {str(e)[:300]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{src}: top level must be a mapping of sections")
     for text in overrides:

@@ -68,16 +68,17 @@ class TrainState:
 
 @dataclass
 class StepWindow:
-    """Device-side sums between progress lines, so a step needs no host sync."""
+    """Device-side values between progress lines, so a step needs no host sync."""
     loss_sum: object = None
-    count: int = 0
-    bad_steps: object = None
+    bad: list = field(default_factory=list)  # per step: 1.0 where non-finite / skipped
+
+    @property
+    def count(self) -> int:
+        return len(self.bad)
 
     def add(self, loss, finite):
-        bad = paddle.logical_not(finite).astype("float32")
         self.loss_sum = loss.detach() if self.loss_sum is None else self.loss_sum + loss.detach()
-        self.bad_steps = bad if self.bad_steps is None else self.bad_steps + bad
-        self.count += 1
+        self.bad.append(paddle.logical_not(finite).astype("float32").reshape([]))
 
 
 def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: TrainState, *,
@@ -116,39 +117,51 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: Tra
         state.global_step += 1
         t_compute += (tick := time.perf_counter()) - t0
         last = state.step_in_epoch == loader.steps_per_epoch
-        if window.count == print_interval or last:
+        done = "max_steps" if max_steps and state.global_step >= max_steps else None
+        if window.count == print_interval or last or done:
             _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compute)
             window, t_data, t_compute = StepWindow(), 0.0, 0.0
         on_step(state)
-        if max_steps and state.global_step >= max_steps:
-            return "max_steps"
-        if should_stop():
+        if done:
+            return done
+        if should_stop():  # agreed by all ranks, so the flush below is collective too
+            if window.count:
+                _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compute)
             return "stopped"
     return "epoch_end"
 
 
 def _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compute):
-    """The one host sync per print interval: reduce, check finiteness, report."""
-    bad = float(window.bad_steps.item())
+    """The one host sync per print interval: reduce, check finiteness, report.
+
+    Steps are judged over all ranks (a step is bad when it is bad on any rank), so every
+    rank raises at the same flush and none is left waiting in a collective."""
+    bad_local = paddle.stack(window.bad).numpy()
     loss_mean = float(window.loss_sum.item()) / window.count
-    sums = dist.all_reduce_sum([loss_mean, bad, t_data, t_compute])
+    sums = dist.all_reduce_sum([loss_mean, t_data, t_compute, *bad_local])
     world = dist.context().world_size
-    if amp.scaler is None and sums[1] > 0:
+    bad = sums[3:] > 0
+    first_step = state.global_step - window.count + 1  # global step of the window's first
+    if bad.any() and amp.scaler is None:
         raise NonFiniteLossError(
-            f"non-finite loss within steps {state.global_step - window.count + 1}.."
-            f"{state.global_step}; lower Optimizer.lr.learning_rate, add warmup "
-            f"(Optimizer.lr.warmup_epoch) or check the data")
-    if amp.scaler is not None and sums[1] > 0:
-        state.skipped_in_a_row += int(bad)
-        log_progress(state, None, {"skipped_steps": int(bad)})
-        if state.skipped_in_a_row >= max_skipped:
+            f"non-finite loss at step {first_step + int(np.argmax(bad))}; lower "
+            f"Optimizer.lr.learning_rate, add warmup (Optimizer.lr.warmup_epoch) or check the data")
+    if bad.any():
+        run, limit_at = state.skipped_in_a_row, None
+        for i, b in enumerate(bad):  # skips in a row, carried over from earlier windows
+            run = run + 1 if b else 0
+            if run >= max_skipped and limit_at is None:
+                limit_at = first_step + i
+        state.skipped_in_a_row = run
+        log_progress(state, None, {"skipped_steps": int(bad.sum())})
+        if limit_at is not None:
             raise NonFiniteLossError(
-                f"AMP skipped {state.skipped_in_a_row} steps in a row (overflow) up to step "
-                f"{state.global_step}; raise Global.max_skipped_steps or lower the LR")
+                f"AMP skipped {max_skipped} steps in a row (overflow) by step {limit_at}; "
+                f"raise Global.max_skipped_steps, lower the LR or check the data")
     else:
         state.skipped_in_a_row = 0
-    log_progress(state, window.count, {"loss": sums[0] / world, "data_s": sums[2] / world,
-                                       "compute_s": sums[3] / world,
+    log_progress(state, window.count, {"loss": sums[0] / world, "data_s": sums[1] / world,
+                                       "compute_s": sums[2] / world,
                                        "loss_scale": amp.loss_scale()})
 
 
