@@ -21,6 +21,7 @@ class RunLogger:
 
     def __init__(self, out_dir, enabled: bool, use_visualdl: bool = True):
         self.enabled = enabled
+        self._write_failed = False
         self.out = Path(out_dir)
         self.tty = sys.stdout.isatty()
         self.writer = None
@@ -40,7 +41,7 @@ class RunLogger:
         if self.tty:
             sys.stdout.write("\r\033[K")
         print(msg, flush=True)
-        self._file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+        self._write(self._file, time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
 
     def progress(self, *, epoch, epochs, step, steps, global_step, total_steps, loss, lr,
                  img_s, data_frac, loss_scale, elapsed, done_in_run):
@@ -50,7 +51,7 @@ class RunLogger:
         line = (f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss:.4f} "
                 f"lr {lr:.5f} {img_s:.1f} img/s data {100 * data_frac:.0f}% "
                 f"scale {loss_scale:g} ETA {_fmt_time(eta)}")
-        self._file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+        self._write(self._file, time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
         if self.tty:  # a one-line bar that rewrites itself
             width = 30
             filled = int(width * step / max(steps, 1))
@@ -60,6 +61,21 @@ class RunLogger:
             print(line, flush=True)
         self.scalars("train", global_step, {"loss": loss, "lr": lr, "img_per_s": img_s,
                                             "loss_scale": loss_scale})
+
+    def _write(self, f, text: str) -> None:
+        """Logs are not worth a crash: a full disk is reported once and training goes on
+        (checkpoint writes, which matter, fail loudly in ppdpn/checkpoint.py)."""
+        try:
+            f.write(text)
+            f.flush()
+        except OSError as e:
+            self._report_write_error(getattr(f, "name", self.out), e)
+
+    def _report_write_error(self, path, e: OSError) -> None:
+        if not self._write_failed:
+            self._write_failed = True
+            print(f"[log] cannot write {path}: {e.strerror or e}; logging to files stops "
+                  f"being complete", file=sys.stderr, flush=True)
 
     # -------------------------------------------------------------- structured
     def scalars(self, prefix: str, step: int, values: dict) -> None:
@@ -72,8 +88,14 @@ class RunLogger:
     def epoch_record(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out / "metrics.jsonl"
+        try:
+            # After a kill mid-write the file may end inside a line: start a fresh one.
+            torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+            with open(path, "a") as f:
+                self._write(f, ("\n" if torn else "") + json.dumps(record) + "\n")
+        except OSError as e:
+            self._report_write_error(path, e)
 
     def text(self, tag: str, text: str) -> None:
         if self.writer is not None:
@@ -93,7 +115,14 @@ class RunLogger:
         path = self.out / "metrics.jsonl"
         if not self.enabled or not path.is_file():
             return None
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:  # a line half-written by a killed run is skipped, not fatal
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "epoch" in row:
+                rows.append(row)
         if not rows:
             return None
         import matplotlib
@@ -110,7 +139,11 @@ class RunLogger:
             ax.set_xlabel("epoch")
         fig.tight_layout()
         out = self.out / "curves.png"
-        fig.savefig(out, dpi=90)
+        try:
+            fig.savefig(out, dpi=90)
+        except OSError as e:
+            self._report_write_error(out, e)
+            out = None
         plt.close(fig)
         return out
 

@@ -38,6 +38,11 @@ class Samples:
         return Samples([self.paths[i] for i in keep], self.labels[keep], self.source, rel)
 
 
+# Class indices are stored as int64 and used as one-hot columns: anything past int32 is a
+# corrupted line, not a real class.
+MAX_LABEL = 2 ** 31
+
+
 def parse_list_line(line: str, where: str) -> Optional[Tuple[str, int]]:
     """`path label` -> (path, label); blank lines -> None. Paths may contain spaces:
     the label is the last whitespace-separated field."""
@@ -51,6 +56,10 @@ def parse_list_line(line: str, where: str) -> Optional[Tuple[str, int]]:
         label = int(parts[1])
     except ValueError:
         raise DataSetError(f"{where}: label {parts[1]!r} is not an integer") from None
+    if not 0 <= label < MAX_LABEL:
+        raise DataSetError(f"{where}: label {parts[1][:24]!r} is not in 0..{MAX_LABEL - 1}")
+    if "\x00" in parts[0]:
+        raise DataSetError(f"{where}: path {parts[0][:60]!r} holds a NUL character")
     return parts[0], label
 
 

@@ -66,8 +66,18 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def safe_load(path) -> Any:
     """Unpickle a .pdparams / checkpoint file, allowing only array and dict constructors."""
-    with open(path, "rb") as f:
-        return _ArrayUnpickler(f, str(path)).load()
+    try:
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(f, str(path)).load()
+    except UnsafePickleError:
+        raise
+    except OSError as e:
+        raise WeightsError(f"cannot read {path}: {e.strerror or e}") from e
+    except (pickle.UnpicklingError, EOFError, LookupError, ValueError, TypeError,
+            AttributeError, IndexError, MemoryError, RecursionError, UnicodeError) as e:
+        # Truncated or garbage bytes: pickle's own message never names the file.
+        raise WeightsError(f"{path} is not a readable weights/checkpoint file "
+                           f"({type(e).__name__}: {str(e)[:120]})") from e
 
 
 # Our name prefix -> PaddleClas's, per family. Unit names inside a prefix (bn, conv) are
