@@ -251,6 +251,10 @@ def _cross_check(cfg: Config, src: str) -> None:
                           f"{len(lr.decay_epochs) + 1} entries, got {lr.values!r}")
     if lr.decay_epochs != sorted(lr.decay_epochs):
         raise ConfigError(f"{src}: Optimizer.lr.decay_epochs={lr.decay_epochs!r} must increase")
+    if cfg.Arch.data_format != cfg.DataLoader.output_layout:
+        raise ConfigError(f"{src}: Arch.data_format={cfg.Arch.data_format!r} needs "
+                          f"DataLoader.output_layout={cfg.Arch.data_format!r}, "
+                          f"got {cfg.DataLoader.output_layout!r}")
     d = cfg.DataLoader
     for key, pair in (("scale", d.scale), ("ratio", d.ratio)):
         if len(pair) != 2 or not 0 < pair[0] <= pair[1]:

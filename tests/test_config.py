@@ -43,6 +43,7 @@ def test_overrides_are_yaml_and_typed(tmp_path):
     ("Nope.key=1", ["Nope", "unknown"]),
     ("DataLoader.scale=[0.5, 0.1]", ["DataLoader.scale", "low <= high"]),
     ("DataLoader.resize_short=100", ["DataLoader.resize_short", "image_size"]),
+    ("Arch.data_format=NHWC", ["Arch.data_format", "DataLoader.output_layout"]),
 ])
 def test_bad_values_name_key_value_and_file(override, words):
     recipe = ROOT / "configs/dpn68.yaml"
