@@ -60,3 +60,32 @@ def last_json(text):
             except ValueError:
                 continue
     raise AssertionError(f"no JSON line in output:\n{text[-2000:]}")
+
+
+def start_launcher(args, log_dir, nproc=2):
+    """paddle.distributed.launch with train.py in the background (CPU processes)."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    return subprocess.Popen([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
+                             str(nproc), "--log_dir", str(log_dir), "train.py"] + args, cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def worker_pids(launcher_pid, nproc=2, timeout=60):
+    """{rank: pid} of the train.py workers under a launcher, once all have started."""
+    import time
+
+    import psutil
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        kids = {}
+        for c in psutil.Process(launcher_pid).children(recursive=True):
+            try:
+                rank = c.environ().get("PADDLE_TRAINER_ID")
+                if rank is not None and "train.py" in " ".join(c.cmdline()):
+                    kids[int(rank)] = c.pid
+            except psutil.Error:
+                continue
+        if len(kids) == nproc:
+            return kids
+        time.sleep(0.1)
+    raise AssertionError("workers did not start")

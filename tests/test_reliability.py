@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import ROOT, last_json, run_train, tiny_overrides
+from conftest import ROOT, last_json, run_train, start_launcher, tiny_overrides, worker_pids
 from ppdpn.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                               load_checkpoint, save_checkpoint, verify_checkpoint)
 
@@ -31,31 +31,6 @@ def _final(out_dir):
 def _digests(ckpt_dir):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(ckpt_dir).iterdir()
             if p.is_file()}
-
-
-def _launcher(args, log_dir):
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    return subprocess.Popen([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
-                             "2", "--log_dir", str(log_dir), "train.py"] + args, cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _worker_pids(launcher_pid, timeout=60):
-    import psutil
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        kids = {}
-        for c in psutil.Process(launcher_pid).children(recursive=True):
-            try:
-                rank = c.environ().get("PADDLE_TRAINER_ID")
-                if rank is not None and "train.py" in " ".join(c.cmdline()):
-                    kids[int(rank)] = c.pid
-            except psutil.Error:
-                continue
-        if len(kids) == 2:
-            return kids
-        time.sleep(0.1)
-    raise AssertionError("workers did not start")
 
 
 def _highest_step(log_text, steps_per_epoch):
@@ -76,8 +51,8 @@ def test_kill9_of_one_rank_exits_fast_and_the_rerun_matches_an_uninterrupted_run
     run_train(DEMO + tiny_overrides(tiny_data, straight, **extra), nproc=2, log_dir=straight / "launch")
 
     args = DEMO + tiny_overrides(tiny_data, killed, **extra)
-    launcher = _launcher(args, killed / "launch")
-    pids = _worker_pids(launcher.pid)
+    launcher = start_launcher(args, killed / "launch")
+    pids = worker_pids(launcher.pid)
     record = killed / "checkpoints" / "ckpt-00000010.json"  # written after the data
     deadline = time.time() + 120
     while not record.is_file() and launcher.poll() is None and time.time() < deadline:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, last_json, run_train, tiny_overrides
+from conftest import ROOT, last_json, run_train, start_launcher, tiny_overrides, worker_pids
 from ppdpn.checkpoint import latest_checkpoint, load_checkpoint
 
 
@@ -147,35 +147,14 @@ def test_two_nodes_on_loopback_equal_two_processes(two_rank_run, tiny_data, tmp_
         np.testing.assert_array_equal(v, b["model"][k], err_msg=k)
 
 
-def _worker_pids(launcher_pid, timeout=60):
-    import psutil
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        kids = {}
-        for c in psutil.Process(launcher_pid).children(recursive=True):
-            try:
-                rank = c.environ().get("PADDLE_TRAINER_ID")
-            except psutil.Error:
-                continue
-            if rank is not None and "train.py" in " ".join(c.cmdline()):
-                kids[int(rank)] = c.pid
-        if len(kids) == 2:
-            return kids
-        time.sleep(0.5)
-    raise AssertionError("workers did not start")
-
-
 def test_sigusr1_to_one_rank_checkpoints_and_requeues(tiny_data, tmp_path):
     """SIGUSR1 reaching rank 1 only: both ranks stop at the same step, rank 0 saves, exit
     75; rerunning resumes at that step and ends at the same total as an unstopped run."""
     import signal as sig
     out = tmp_path / "pre"
     args = ["-c", "configs/demo.yaml", "-o"] + tiny_overrides(tiny_data, out, **{"Global.epochs": 40})
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    launcher = subprocess.Popen([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
-                                 "2", "--log_dir", str(out / "launch"), "train.py"] + args,
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pids = _worker_pids(launcher.pid)
+    launcher = start_launcher(args, out / "launch")
+    pids = worker_pids(launcher.pid)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
         time.sleep(0.2)  # let it finish one epoch first
