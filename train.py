@@ -12,9 +12,8 @@ import argparse
 import json
 import signal
 import sys
-import time
+from functools import partial
 
-import numpy as np
 import paddle
 
 from ppdpn import dist
@@ -24,6 +23,7 @@ from ppdpn.data.lists import DataSetError
 from ppdpn.engine import NonFiniteLossError, TrainState, build_amp, evaluate, train_one_epoch
 from ppdpn.logging import RunLogger
 from ppdpn.models import create_model
+from ppdpn.models.weights import UnsafePickleError, WeightsError
 from ppdpn.optim import ScheduleLR, build_optimizer, build_schedule, lr_scale
 from ppdpn import session
 
@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-only", action="store_true", help="evaluate Global.pretrained_model and exit")
     p.add_argument("--benchmark", action="store_true", help="time training steps; print one JSON line")
     p.add_argument("--real-data", action="store_true", help="with --benchmark: use the real loader")
+    p.add_argument("--warmup", type=int, default=5, help="with --benchmark: untimed steps first")
+    p.add_argument("--steps", type=int, default=20, help="with --benchmark: timed steps")
     args = p.parse_args(argv)
     args.override = [o for group in args.override for o in group]
     return args
@@ -46,7 +48,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)
-    ctx = dist.init_distributed(cfg.Global.device)
+    # Installed before the slow set-up so an early SIGUSR1/SIGTERM is not lost.
+    stopper = session.StopSignal(signal.SIGUSR1, signal.SIGTERM)
+    ctx = dist.init_distributed(cfg.Global.device, amp=cfg.AMP.use_amp)
     session.seed_everything(cfg.Global.seed, cfg.Global.deterministic)
     log = RunLogger(cfg.Global.output_dir, ctx.is_main, use_visualdl=cfg.Global.visualdl and not args.eval_only)
     log.info(f"[run] rank {ctx.rank}/{ctx.world_size} on {ctx.device}; config {args.config}")
@@ -56,9 +60,12 @@ def main(argv=None) -> int:
                          recompute=cfg.Arch.recompute, data_format=cfg.Arch.data_format)
     amp = build_amp(cfg.AMP, ctx.use_gpu, log=log.info)
 
+    if args.benchmark or args.eval_only:
+        stopper.restore()  # nothing to checkpoint: signals end these runs as usual
     if args.benchmark:
         from ppdpn.benchmark import run_benchmark
-        print(json.dumps(run_benchmark(cfg, model, amp, ctx, real_data=args.real_data)))
+        print(json.dumps(run_benchmark(cfg, model, amp, ctx, real_data=args.real_data,
+                                         warmup=args.warmup, steps=args.steps)))
         return 0
 
     from ppdpn.data import build_loader
@@ -95,7 +102,6 @@ def main(argv=None) -> int:
     dist.broadcast_params(model)
     model_dp, optimizer = dist.wrap_model(model), dist.wrap_optimizer(optimizer)
 
-    stopper = session.StopSignal(signal.SIGUSR1, signal.SIGTERM)
     return fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader,
                val_loader, stopper, log)
 
@@ -114,14 +120,20 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
         while state.epoch < g.epochs:
             outcome = train_one_epoch(
                 model_dp, train_loader, optimizer, lr_sched, amp, state,
-                num_classes=cfg.Arch.class_num, mix=mix_batch, seed=g.seed,
+                num_classes=cfg.Arch.class_num, seed=g.seed,
+                mix=partial(mix_batch, data_format=cfg.DataLoader.output_layout),
                 label_smoothing=cfg.Loss.label_smoothing, mixup_alpha=cfg.DataLoader.mixup_alpha,
                 cutmix_alpha=cfg.DataLoader.cutmix_alpha, print_interval=g.print_interval,
                 max_skipped=g.max_skipped_steps, should_stop=lambda: dist.any_rank(stopper.flag),
                 on_step=saver.maybe_save_steps, log_progress=clock.report, max_steps=g.max_steps)
             if outcome == "stopped":
                 who = stopper.name or "a signal to another rank"
+                # The launcher SIGTERMs the other ranks as soon as one exits 75: ignore that
+                # (SIG_IGN survives interpreter shutdown) and exit together after the save.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 saver.save(state, reason=who)
+                dist.barrier()
                 log.info(f"[run] stopped by {who} at step {state.global_step}; "
                          f"checkpointed, exit {EXIT_REQUEUE} (requeue)")
                 return EXIT_REQUEUE
@@ -150,7 +162,8 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
         log.info(f"[error] {e}")
         return EXIT_SAVE
     finally:
-        stopper.restore()
+        if not stopper.flag:
+            stopper.restore()
     if metrics is None:
         dist.average_buffers(model)
         metrics = evaluate(model_dp, val_loader, amp)
@@ -171,6 +184,6 @@ if __name__ == "__main__":
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    except (DataSetError, CheckpointError) as e:
+    except (DataSetError, CheckpointError, WeightsError, UnsafePickleError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)

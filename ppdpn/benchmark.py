@@ -1,8 +1,27 @@
-"""`train.py --benchmark`: time the real training step on synthetic or real batches."""
+"""`train.py --benchmark`: time the real training step on synthetic or real batches.
+
+The step is train_one_epoch's own (autocast, scaler, optimizer, Fleet wrapper), fed either
+one fixed in-memory batch (no I/O: the model's speed) or, with --real-data, the configured
+loader (the pipeline's speed too). The result is one JSON object:
+
+- img_s: global images per second over the timed steps (batch x world size / median step);
+- step_ms: median wall time of a timed step; data_wait_ms: median wait for the next batch;
+- cpu_ms: median CPU time (all threads of this process) of a timed step: steadier than
+  wall time where other jobs share the cores;
+- peak_mem_mb: on a GPU the device's max allocated bytes; on a CPU the process's peak
+  resident set (ru_maxrss), which covers the whole process: Paddle's import, model
+  creation, the warm-up steps and the timed ones;
+- alloc_peak_mb: the most bytes Paddle's allocator held at once during the timed steps
+  (weights, gradients, optimizer state and activations; host allocator on a CPU, device on
+  a GPU), the figure to compare configurations by: unlike RSS it does not count memory
+  that malloc keeps cached, nor Paddle's own code;
+- rss_before_mb: resident set when the timed steps start (after model, optimizer, warm-up).
+"""
 from __future__ import annotations
 
 import resource
 import time
+from functools import partial
 
 import numpy as np
 import paddle
@@ -29,54 +48,122 @@ class SyntheticLoader:
             yield self.images, self.labels, self.valid
 
 
-def peak_memory_mb(ctx) -> float:
-    """Device max allocated on GPU; the process's peak resident set on CPU."""
-    if ctx.use_gpu:
-        return paddle.device.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+class RepeatedLoader:
+    """`steps` batches of a real loader, running over as many of its epochs as needed
+    (a small data set has fewer steps per epoch than a benchmark wants)."""
+
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps_per_epoch = loader, steps
+
+    def epoch(self, epoch, start_step=0):
+        count, e = start_step, 0
+        while count < self.steps_per_epoch:
+            for batch in self.loader.epoch(e):
+                yield batch
+                count += 1
+                if count == self.steps_per_epoch:
+                    return
+            e += 1
+
+
+def rss_mb() -> float:
+    """Current resident set of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class MemoryMeter:
+    """Peak memory: Paddle's allocator (resettable) and the process (ru_maxrss, not)."""
+
+    def __init__(self, use_gpu: bool):
+        self.use_gpu = use_gpu
+        self.rss_before_mb = 0.0
+
+    def start(self):
+        self.rss_before_mb = rss_mb()
+        if self.use_gpu:
+            paddle.device.cuda.reset_max_memory_allocated()
+        else:
+            paddle.base.core.host_memory_stat_reset_peak_value("Allocated", 0)
+
+    def alloc_peak_mb(self) -> float:
+        if self.use_gpu:
+            return paddle.device.cuda.max_memory_allocated() / 2**20
+        return paddle.base.core.host_memory_stat_peak_value("Allocated", 0) / 2**20
+
+    def peak_mb(self) -> float:
+        """What the JSON calls peak_mem_mb (see the module docstring)."""
+        if self.use_gpu:
+            return paddle.device.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def benchmark_loader(cfg, ctx, real_data: bool, steps: int):
+    """`steps` batches: the configured train loader's, or one synthetic batch repeated."""
+    d = cfg.DataLoader
+    if d.output_layout != cfg.Arch.data_format:
+        raise ValueError(f"DataLoader.output_layout={d.output_layout} but Arch.data_format="
+                         f"{cfg.Arch.data_format}: the model must take the loader's layout")
+    if real_data:
+        from ppdpn.data import build_loader
+        return RepeatedLoader(build_loader(d, "train", ctx, cfg.Global.seed, cfg.Arch.class_num),
+                              steps)
+    return SyntheticLoader(d.batch_size, d.image_size, cfg.Arch.class_num, steps,
+                           d.output_layout, cfg.Global.seed)
 
 
 def run_benchmark(cfg, model, amp, ctx, real_data=False, warmup=5, steps=20) -> dict:
+    """Train `warmup` + `steps` steps; time the last `steps`. Returns the JSON record."""
+    from ppdpn.data.augment import mix_batch
     d = cfg.DataLoader
-    if real_data:
-        from ppdpn.data import build_loader
-        loader = build_loader(d, "train", ctx, cfg.Global.seed)
-        steps = min(steps, loader.steps_per_epoch - warmup)
-    else:
-        loader = SyntheticLoader(d.batch_size, d.image_size, cfg.Arch.class_num, warmup + steps,
-                                 d.output_layout, cfg.Global.seed)
+    loader = benchmark_loader(cfg, ctx, real_data, warmup + steps)
     schedule = build_schedule(cfg.Optimizer.lr, 1, warmup + steps, d.batch_size * ctx.world_size)
     lr_sched = ScheduleLR(schedule)
     optimizer = build_optimizer(model, cfg.Optimizer, lr_sched, amp.enabled)
     if amp.enabled and amp.level == "O2":
         model, optimizer = paddle.amp.decorate(model, optimizer, level="O2", dtype=amp.dtype)
     model_dp, optimizer = dist.wrap_model(model), dist.wrap_optimizer(optimizer)
-    stamps, waits = [], []
+    memory = MemoryMeter(ctx.use_gpu)
+    stamps, cpu, waits = [], [], []
 
     def on_step(state):
         if ctx.use_gpu:
             paddle.device.synchronize()  # time finished work, not queued kernels
         stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
+        if state.global_step == warmup:
+            memory.start()
 
     def on_window(state, count, values):
         if count:
             waits.append(values["data_s"] / count)
 
-    from ppdpn.data.augment import mix_batch
+    if warmup == 0:
+        memory.start()
     stamps.append(time.perf_counter())
+    cpu.append(time.process_time())
+    # Synthetic: one progress window (one host sync) for the whole run, as in training
+    # with a long print interval. Real data: a window per step, to see each step's wait.
     train_one_epoch(model_dp, loader, optimizer, lr_sched, amp, TrainState(),
-                    num_classes=cfg.Arch.class_num, mix=mix_batch, seed=cfg.Global.seed,
-                    label_smoothing=cfg.Loss.label_smoothing, mixup_alpha=d.mixup_alpha,
-                    cutmix_alpha=d.cutmix_alpha, print_interval=warmup + steps if not real_data else 1,
-                    max_skipped=10**9, should_stop=lambda: False, on_step=on_step,
-                    log_progress=on_window, max_steps=warmup + steps)
+                    num_classes=cfg.Arch.class_num, mix=partial(mix_batch, data_format=d.output_layout),
+                    seed=cfg.Global.seed, label_smoothing=cfg.Loss.label_smoothing,
+                    mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha,
+                    print_interval=1 if real_data else warmup + steps, max_skipped=10**9,
+                    should_stop=lambda: False, on_step=on_step, log_progress=on_window,
+                    max_steps=warmup + steps)
     step_s = np.diff(stamps)[warmup:]
     med = float(np.median(step_s))
     return {"model": cfg.Arch.name, "batch_per_device": d.batch_size, "image_size": d.image_size,
-            "world_size": ctx.world_size, "recompute": cfg.Arch.recompute,
-            "data_format": cfg.Arch.data_format, "amp": amp.enabled,
-            "real_data": real_data, "steps": len(step_s),
-            "img_s": round(d.batch_size * ctx.world_size / med, 2),
+            "world_size": ctx.world_size, "img_s": round(d.batch_size * ctx.world_size / med, 2),
             "step_ms": round(1000 * med, 2),
+            "cpu_ms": round(1000 * float(np.median(np.diff(cpu)[warmup:])), 2),
             "data_wait_ms": round(1000 * float(np.median(waits[warmup:] or [0.0])), 3),
-            "peak_mem_mb": round(peak_memory_mb(ctx), 1)}
+            "peak_mem_mb": round(memory.peak_mb(), 1),
+            "peak_mem_kind": "device_max_allocated" if ctx.use_gpu else "process_max_rss",
+            "alloc_peak_mb": round(memory.alloc_peak_mb(), 1),
+            "rss_before_mb": round(memory.rss_before_mb, 1),
+            "recompute": cfg.Arch.recompute, "data_format": cfg.Arch.data_format,
+            "amp": amp.enabled, "real_data": real_data, "warmup": warmup, "steps": len(step_s),
+            "step_ms_each": [round(1000 * float(t), 2) for t in step_s],
+            "cpu_ms_each": [round(1000 * float(t), 2) for t in np.diff(cpu)[warmup:]],
+            "device": ctx.device}

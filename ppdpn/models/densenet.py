@@ -12,17 +12,17 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ppdpn.models.layers import (BatchNorm2D, ConvBNReLU, PreActConv, channel_axis,
-                                 recompute_once, should_recompute)
+from ppdpn.models.layers import BatchNorm2D, ConvBNReLU, PreActConv, channel_axis, preact_chain
 from ppdpn.models.registry import register_model
 
 
 class DenseLayer(nn.Layer):
     """Adds `growth` channels computed from all features so far.
 
-    With `recompute`, the concat + BN-ReLU-1x1 part is recomputed in backward instead of
-    stored: the memory-efficient DenseNet (Pleiss et al. 2017), whose stored activations
-    grow linearly rather than quadratically with depth.
+    With `recompute`, each BN-ReLU-conv unit keeps only its inputs for backward and rebuilds
+    the concat and the BN-ReLU output there (layers.preact_chain): the memory-efficient
+    DenseNet (Pleiss et al. 2017), whose stored activations grow linearly rather than
+    quadratically with depth, without computing any convolution twice.
     """
 
     def __init__(self, in_channels: int, growth: int, bn_size: int, recompute: bool = False,
@@ -33,27 +33,18 @@ class DenseLayer(nn.Layer):
         self.reduce = PreActConv(in_channels, bn_size * growth, 1, data_format=data_format)
         self.grow = PreActConv(bn_size * growth, growth, 3, data_format=data_format)
 
-    def _bottleneck(self, *features):
-        x = features[0] if len(features) == 1 else paddle.concat(list(features), axis=self.axis)
-        return self.reduce(x)
-
     def forward(self, features: List[paddle.Tensor]) -> paddle.Tensor:
-        if should_recompute(self, self.recompute):
-            x = recompute_once(self._bottleneck, [self.reduce.bn], *features)
-        else:
-            x = self._bottleneck(*features)
-        return self.grow(x)
+        x = preact_chain([self.reduce], features, self.axis, self.recompute)
+        return preact_chain([self.grow], [x], self.axis, self.recompute)
 
 
 class Transition(PreActConv):
-    """BN-ReLU-1x1 conv to `out_channels`, then 2x2 average pool."""
+    """BN-ReLU-1x1 conv to `out_channels` (its forward); DenseBlock applies `pool` (2x2
+    average) after it, so the unit itself can take the memory-efficient path."""
 
     def __init__(self, in_channels: int, out_channels: int, data_format: str = "NCHW"):
         super().__init__(in_channels, out_channels, 1, data_format=data_format)
         self.pool = nn.AvgPool2D(2, stride=2, data_format=data_format)
-
-    def forward(self, x):
-        return self.pool(super().forward(x))
 
 
 class DenseBlock(nn.Layer):
@@ -67,6 +58,7 @@ class DenseBlock(nn.Layer):
             DenseLayer(in_channels + i * growth, growth, bn_size, recompute, data_format)
             for i in range(depth)])
         self.out_channels = in_channels + depth * growth
+        self.recompute = recompute
         self.transition = None
         if transition:
             self.transition = Transition(self.out_channels, self.out_channels // 2, data_format)
@@ -78,8 +70,10 @@ class DenseBlock(nn.Layer):
         features = [x]
         for layer in self.layers:
             features.append(layer(features))
-        x = paddle.concat(features, axis=self.axis)
-        return x if self.transition is None else self.transition(x)
+        if self.transition is None:
+            return paddle.concat(features, axis=self.axis)
+        t = self.transition
+        return t.pool(preact_chain([t], features, self.axis, self.recompute))
 
 
 class DenseNet(nn.Layer):

@@ -5,17 +5,18 @@ densely connected path (grows by `inc` per block, concatenated). Pre-activation
 BN-ReLU-Conv units; the head is BN+ReLU over both paths, global average pool and a
 Linear layer. Parameter counts equal PaddleClas's DPNs (see tests/test_models.py).
 """
-from typing import Sequence, Tuple, Union
+from functools import partial
+from typing import List, Optional, Sequence, Tuple
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ppdpn.models.layers import (BatchNorm2D, ConvBNReLU, PreActConv, channel_axis,
-                                 recompute_once, should_recompute)
+from ppdpn.models.layers import BatchNorm2D, ConvBNReLU, PreActConv, channel_axis, preact_chain
 from ppdpn.models.registry import register_model
 
-Paths = Tuple[paddle.Tensor, paddle.Tensor]  # (residual path, dense path)
+# (residual path, dense path as a list of pieces); the stem output enters as (None, [x]).
+Paths = Tuple[Optional[paddle.Tensor], List[paddle.Tensor]]
 
 
 class DualPathBlock(nn.Layer):
@@ -23,7 +24,9 @@ class DualPathBlock(nn.Layer):
 
     The first block of a stage projects its input (`project=True`, with `stride` 2 from
     the second stage on) into a new residual path of width `bw` and a dense path of
-    2 * `inc` channels; the other blocks take the two paths as they come.
+    2 * `inc` channels; the other blocks take the two paths as they come. The dense path
+    travels as a list of pieces, concatenated only inside the next unit (so that with
+    `recompute` the growing concatenation is never stored, see layers.preact_chain).
     """
 
     def __init__(self, in_channels: int, width: int, bw: int, inc: int, groups: int,
@@ -40,28 +43,20 @@ class DualPathBlock(nn.Layer):
         self.grouped = PreActConv(width, width, 3, stride, groups, data_format=data_format)
         self.expand = PreActConv(width, bw + inc, 1, data_format=data_format)
 
-    def _enter(self, *inputs):
-        """Concat of both paths -> BN-ReLU-1x1 units: the memory-hungry part of a block."""
-        x = inputs[0] if len(inputs) == 1 else paddle.concat(list(inputs), axis=self.axis)
+    def forward(self, paths: Paths) -> Paths:
+        """paths: (residual, [dense pieces]) -> the same for the next block."""
+        residual, dense = paths
+        inputs = [residual] + list(dense) if residual is not None else list(dense)
+        chain = partial(preact_chain, axis=self.axis, memory_efficient=self.recompute)
         if self.project:
-            return self.proj(x), self.reduce(x)
-        return self.reduce(x)
-
-    def forward(self, x: Union[paddle.Tensor, Paths]) -> Paths:
-        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        if should_recompute(self, self.recompute):
-            norms = [self.reduce.bn] + ([self.proj.bn] if self.project else [])
-            entered = recompute_once(self._enter, norms, *inputs)
-        else:
-            entered = self._enter(*inputs)
-        if self.project:
-            projected, out = entered
-            residual, dense = paddle.split(projected, [self.bw, 2 * self.inc], axis=self.axis)
-        else:
-            (residual, dense), out = inputs, entered
-        out = self.expand(self.grouped(out))
+            residual, projected_dense = paddle.split(
+                chain([self.proj], inputs), [self.bw, 2 * self.inc], axis=self.axis)
+            dense = [projected_dense]
+        # With recompute the grouped 3x3 output is not kept either: recomputing that
+        # convolution costs little time and saves a block-wide activation per block.
+        out = chain([self.grouped, self.expand], [chain([self.reduce], inputs)])
         out_residual, out_dense = paddle.split(out, [self.bw, self.inc], axis=self.axis)
-        return residual + out_residual, paddle.concat([dense, out_dense], axis=self.axis)
+        return residual + out_residual, list(dense) + [out_dense]
 
 
 class DPN(nn.Layer):
@@ -70,8 +65,9 @@ class DPN(nn.Layer):
     k_r: width of the 3x3 convolutions in the first stage, k_r * bw[s] / bw[0] in stage s;
     groups: groups of those convolutions; k_sec: blocks per stage; inc_sec: dense-path
     growth per block; bw: residual-path width per stage.
-    `recompute`: recompute each block's concat + BN-ReLU-1x1 units in backward (saves
-    activation memory, costs time). `data_format`: "NCHW" or "NHWC" (input layout too).
+    `recompute`: memory-efficient units that rebuild their concat and BN-ReLU output in
+    backward instead of storing them (layers.preact_chain). `data_format`: "NCHW" or
+    "NHWC" (input layout too).
     """
 
     def __init__(self, stem_channels: int, stem_kernel: int, k_r: int, groups: int,
@@ -103,10 +99,11 @@ class DPN(nn.Layer):
 
     def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
         """Stem and all blocks, then BN+ReLU over both paths: (N, num_features, H/32, W/32)."""
-        paths = self.stem_pool(self.stem(x))
+        paths = (None, [self.stem_pool(self.stem(x))])
         for block in self.blocks:
             paths = block(paths)
-        return F.relu(self.head_bn(paddle.concat(list(paths), axis=self.axis)))
+        residual, dense = paths
+        return F.relu(self.head_bn(paddle.concat([residual] + dense, axis=self.axis)))
 
     def forward_head(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.fc(paddle.flatten(self.pool(x), start_axis=1))
