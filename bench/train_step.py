@@ -64,8 +64,9 @@ def run_worker(spec: dict) -> dict:
     rss_model = rss_mb()
     record = run_benchmark(cfg, model, build_amp(cfg.AMP, ctx.use_gpu, log=lambda m: None), ctx,
                            warmup=spec["warmup"], steps=spec["steps"])
+    trainable = sum(p.size for p in model.parameters() if not p.stop_gradient)
     record.update(source=spec["source"], rss_model_mb=round(rss_model, 1),
-                  params_m=round(sum(p.size for p in model.parameters() if not p.stop_gradient) / 1e6, 3))
+                  params_m=round(trainable / 1e6, 3))
     return record
 
 
@@ -144,9 +145,10 @@ def part_recompute(args) -> list:
                      "cpu_time_ratio": paired_ratio(lean, plain, "round_cpu_ms")})
         r = rows[-1]
         print(f"[recompute] {model} batch {args.big_batch} @ {args.big_size}px: alloc peak "
-              f"{plain['alloc_peak_mb']:.0f} -> {lean['alloc_peak_mb']:.0f} MiB (x{r['alloc_ratio']}), "
-              f"peak RSS {plain['peak_rss_mb']:.0f} -> {lean['peak_rss_mb']:.0f} MiB "
-              f"(x{r['rss_ratio']}), step time x{r['time_ratio']} (CPU time x{r['cpu_time_ratio']})")
+              f"{plain['alloc_peak_mb']:.0f} -> {lean['alloc_peak_mb']:.0f} MiB "
+              f"(x{r['alloc_ratio']}), peak RSS {plain['peak_rss_mb']:.0f} -> "
+              f"{lean['peak_rss_mb']:.0f} MiB (x{r['rss_ratio']}), step time "
+              f"x{r['time_ratio']} (CPU time x{r['cpu_time_ratio']})")
     return rows
 
 
@@ -157,21 +159,24 @@ def part_zoo(args) -> list:
     rows = []
     for name in names:
         plain, lean = measure([spec(name, False, args.zoo_batch, args.zoo_size, args),
-                               spec(name, True, args.zoo_batch, args.zoo_size, args)], 1, "zoo")
+                               spec(name, True, args.zoo_batch, args.zoo_size, args)],
+                              args.rounds, "zoo")
         rows.append({"model": name, "params_m": plain["params_m"],
                      "img_s": plain["img_s"], "alloc_peak_mb": plain["alloc_peak_mb"],
                      "peak_rss_mb": plain["peak_rss_mb"], "recompute_img_s": lean["img_s"],
                      "recompute_alloc_peak_mb": lean["alloc_peak_mb"],
-                     "recompute_peak_rss_mb": lean["peak_rss_mb"]})
-    print(f"\n[zoo] batch {args.zoo_batch} @ {args.zoo_size}px, median of {args.steps} steps "
-          f"after {args.warmup} warm-up, one process each")
-    print("| model | params (M) | img/s | alloc peak MiB | peak RSS MiB | img/s recompute "
-          "| alloc peak MiB recompute | peak RSS MiB recompute |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+                     "recompute_peak_rss_mb": lean["peak_rss_mb"],
+                     "recompute_time_ratio": paired_ratio(lean, plain)})
+    print(f"\n[zoo] batch {args.zoo_batch} @ {args.zoo_size}px, median of {args.rounds} x "
+          f"{args.steps} steps after {args.warmup} warm-up, one process each")
+    print("| model | params (M) | img/s | alloc peak MiB | peak RSS MiB | recompute: img/s "
+          "| alloc peak MiB | peak RSS MiB | step time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['params_m']} | {r['img_s']} | {r['alloc_peak_mb']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['recompute_img_s']} | "
-              f"{r['recompute_alloc_peak_mb']:.0f} | {r['recompute_peak_rss_mb']:.0f} |")
+              f"{r['recompute_alloc_peak_mb']:.0f} | {r['recompute_peak_rss_mb']:.0f} | "
+              f"x{r['recompute_time_ratio']} |")
     return rows
 
 
@@ -179,7 +184,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", choices=["peer", "recompute", "zoo"],
                    default=["peer", "recompute", "zoo"])
-    p.add_argument("--rounds", type=int, default=2, help="peer and recompute rounds")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per part")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
     p.add_argument("--steps", type=int, default=2, help="timed steps per process")
     p.add_argument("--peer-batch", type=int, default=16)

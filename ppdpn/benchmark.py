@@ -145,9 +145,10 @@ def run_benchmark(cfg, model, amp, ctx, real_data=False, warmup=5, steps=20) -> 
     # Synthetic: one progress window (one host sync) for the whole run, as in training
     # with a long print interval. Real data: a window per step, to see each step's wait.
     train_one_epoch(model_dp, loader, optimizer, lr_sched, amp, TrainState(),
-                    num_classes=cfg.Arch.class_num, mix=partial(mix_batch, data_format=d.output_layout),
-                    seed=cfg.Global.seed, label_smoothing=cfg.Loss.label_smoothing,
-                    mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha,
+                    num_classes=cfg.Arch.class_num, seed=cfg.Global.seed,
+                    mix=partial(mix_batch, data_format=d.output_layout),
+                    label_smoothing=cfg.Loss.label_smoothing, mixup_alpha=d.mixup_alpha,
+                    cutmix_alpha=d.cutmix_alpha,
                     print_interval=1 if real_data else warmup + steps, max_skipped=10**9,
                     should_stop=lambda: False, on_step=on_step, log_progress=on_window,
                     max_steps=warmup + steps)
