@@ -89,3 +89,15 @@ def worker_pids(launcher_pid, nproc=2, timeout=60):
             return kids
         time.sleep(0.1)
     raise AssertionError("workers did not start")
+
+
+def twin_models(name, seed=1, **kwargs):
+    """A tiny model (10 classes) and a copy with the same weights built with other options."""
+    import paddle
+
+    from ppdpn.models import create_model
+    paddle.seed(seed)
+    plain = create_model(name, num_classes=10)
+    other = create_model(name, num_classes=10, **kwargs)
+    other.set_state_dict(plain.state_dict())
+    return plain, other

@@ -5,6 +5,7 @@ import numpy as np
 import paddle
 import pytest
 
+from conftest import twin_models
 from ppdpn.models import create_model, list_models, register_model
 from ppdpn.models.__main__ import PUBLISHED
 from ppdpn.models.flops import count_macs, count_params, format_table
@@ -128,18 +129,9 @@ def test_tiny_models_are_small_and_train(name):
     logits.mean().backward()
 
 
-def _twin_models(name, **kwargs):
-    """A model and a copy with the same weights built with other options."""
-    paddle.seed(1)
-    plain = create_model(name, num_classes=10)
-    other = create_model(name, num_classes=10, **kwargs)
-    other.set_state_dict(plain.state_dict())
-    return plain, other
-
-
 @pytest.mark.parametrize("name", TINY)
 def test_nhwc_computes_the_same_logits(name):
-    plain, nhwc = _twin_models(name, data_format="NHWC")
+    plain, nhwc = twin_models(name, data_format="NHWC")
     x = paddle.randn([2, 3, 64, 64])
     for training in (False, True):
         plain.train(training)
@@ -151,7 +143,7 @@ def test_nhwc_computes_the_same_logits(name):
 
 @pytest.mark.parametrize("name", TINY)
 def test_recompute_gives_the_same_gradients_and_bn_stats(name):
-    plain, recomputed = _twin_models(name, recompute=True)
+    plain, recomputed = twin_models(name, recompute=True)
     x = paddle.randn([4, 3, 64, 64])
     for model in (plain, recomputed):
         model.train()

@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import last_json, run_train, tiny_overrides
+from conftest import last_json, run_train, tiny_overrides, twin_models
 from ppdpn import dist
 from ppdpn.benchmark import SyntheticLoader
 from ppdpn.config import AMPConfig, OptimizerConfig
@@ -27,19 +27,11 @@ def _grads_after_one_step(model, x):
     return {p.name: p.grad.numpy() for p in model.parameters() if not p.stop_gradient}
 
 
-def _twins(name, **kwargs):
-    paddle.seed(3)
-    plain = create_model(name, num_classes=10)
-    other = create_model(name, num_classes=10, **kwargs)
-    other.set_state_dict(plain.state_dict())
-    return plain, other
-
-
 @pytest.mark.parametrize("name", TINY)
 def test_generic_recompute_fallback_equals_plain(name, monkeypatch):
     """Under AMP the units take Paddle's recompute instead of the explicit backward."""
     monkeypatch.setattr(layers, "_lean_path_applies", lambda unit, inputs: False)
-    plain, recomputed = _twins(name, recompute=True)
+    plain, recomputed = twin_models(name, recompute=True, seed=3)
     x = paddle.randn([4, 3, 64, 64])
     expected, got = _grads_after_one_step(plain, x), _grads_after_one_step(recomputed, x)
     for (key, a), b in zip(expected.items(), got.values()):
@@ -59,7 +51,7 @@ def float64():
 
 @pytest.mark.parametrize("name", TINY)
 def test_nhwc_with_recompute_matches_nchw_gradients(name, float64):
-    plain, nhwc = _twins(name, recompute=True, data_format="NHWC")
+    plain, nhwc = twin_models(name, recompute=True, data_format="NHWC", seed=3)
     x = paddle.randn([4, 3, 64, 64], dtype="float64")
     expected = _grads_after_one_step(plain, x)
     got = _grads_after_one_step(nhwc, x.transpose([0, 2, 3, 1]))
@@ -90,7 +82,7 @@ def test_memory_efficient_units_store_less():
     x = paddle.randn([4, 64, 28, 28])
     x.stop_gradient = False
     assert _allocator_peak_mb(lean, x) < 0.6 * _allocator_peak_mb(plain, x)  # measured 0.51
-    plain, lean = _twins("DPNTiny", recompute=True)
+    plain, lean = twin_models("DPNTiny", recompute=True, seed=3)
     x = paddle.randn([8, 3, 96, 96])
     assert _allocator_peak_mb(lean, x) < 0.75 * _allocator_peak_mb(plain, x)  # measured 0.66
 
