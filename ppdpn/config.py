@@ -70,7 +70,7 @@ class GlobalConfig:
 class ArchConfig:
     name: str = _f("DPN68")
     class_num: int = _f(1000, min=1)
-    recompute: bool = _f(False, doc="memory-efficient blocks: recompute concat+BN+ReLU+1x1")
+    recompute: bool = _f(False, doc="memory-efficient blocks: rebuild concat+BN+ReLU in backward")
     data_format: str = _f("NCHW", choices=["NCHW", "NHWC"])
 
 
