@@ -83,7 +83,8 @@ def test_resume_mid_epoch_repeats_the_same_batches(odd_set, backend):
 
 
 def test_dali_and_fallback_crop_alike(odd_set):
-    """Same plan, same crop windows and flips: only the decoders differ (< 2 levels)."""
+    """Same plan (crop windows, flips) and, on a CPU, the same resize and normalise code
+    (base.finish_train_crop): only the JPEG decoders could differ, and they agree."""
     out = {}
     for backend in BACKENDS:
         ld = build_loader(cfg_for(odd_set, backend, batch_size=8), "train", DistContext(), seed=1)
@@ -91,7 +92,7 @@ def test_dali_and_fallback_crop_alike(odd_set):
     for (a, la, _), (b, lb, _) in zip(out["dali"], out["fallback"]):
         assert np.array_equal(la, lb)
         levels = np.abs(a - b) * np.asarray(STD_255)[None, :, None, None]
-        assert levels.mean() < 2.0, levels.mean()
+        assert levels.mean() < 0.02 and levels.max() < 1.01, (levels.mean(), levels.max())
 
 
 def _solid_png(root, colour, size=(40, 30)):
@@ -118,6 +119,7 @@ def test_normalisation_shapes_and_output_options(tmp_path, backend, split):
     cfg = cfg_for(root, backend, batch_size=2, output_layout="NHWC", output_dtype="float16")
     (images, _, _), = collect(build_loader(cfg, split, DistContext(), seed=0), 0)
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.float16
+    assert np.abs(images[0].astype(np.float32) - expect[None, None, :]).max() < 1e-2
     assert np.abs(images.astype(np.float32) - expect).max() < 1e-2
 
 

@@ -12,7 +12,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from ppdpn.data.base import MEAN_255, STD_255, LoaderBase
+from ppdpn.data.base import LoaderBase, finish_train_crop, normalize
 from ppdpn.data.check import BadFile, image_header
 from ppdpn.data.plan import eval_geometry
 
@@ -36,8 +36,6 @@ class _JobDataset:
                  resize_short: int, layout: str, dtype: str):
         self.paths, self.labels, self.train, self.size = paths, labels, train, size
         self.resize_short, self.layout, self.dtype = resize_short, layout, dtype
-        self.mean = np.asarray(MEAN_255, dtype=np.float32)
-        self.inv_std = 1.0 / np.asarray(STD_255, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -54,19 +52,12 @@ class _JobDataset:
         import cv2
         _, x, y, w, h, flip = job
         if self.train:
-            img = cv2.resize(img[y:y + h, x:x + w], (self.size, self.size),
-                             interpolation=cv2.INTER_LINEAR)
-            if flip:
-                img = img[:, ::-1]
-        else:
-            ih, iw = img.shape[:2]
-            rw, rh, x0, y0 = eval_geometry(iw, ih, self.resize_short, self.size)
-            img = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_LINEAR)
-            img = img[y0:y0 + self.size, x0:x0 + self.size]
-        out = (img.astype(np.float32) - self.mean) * self.inv_std
-        if self.layout == "NCHW":
-            out = out.transpose(2, 0, 1)
-        return np.ascontiguousarray(out, dtype=self.dtype)
+            return finish_train_crop(img[y:y + h, x:x + w], self.size, bool(flip),
+                                     self.layout, self.dtype)
+        ih, iw = img.shape[:2]
+        rw, rh, x0, y0 = eval_geometry(iw, ih, self.resize_short, self.size)
+        img = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_LINEAR)
+        return normalize(img[y0:y0 + self.size, x0:x0 + self.size], self.layout, self.dtype)
 
     def __getitem__(self, job: Job):
         """(image, ok): ok = 0 when the file failed. Never raised: a raising worker kills
