@@ -11,6 +11,9 @@ batch is also reported apart), with the CPU time they cost. Medians over the rou
 Other processes on a 2-core machine change every wall-clock number (the load average
 is reported); CPU time per image is the steadier measure of the same thing.
 Also measures the DALI eval transform against PaddleClas's OpenCV one on the photos.
+`--stages` also times variants of the CPU train pipeline on the same bytes, read into
+memory first: ROI decode alone, full decode alone, DALI's own resize + normalise, and the
+OpenCV/numpy stage the loader uses (what docs/performance.md's stage table comes from).
 The last stdout line is one JSON object.
 """
 from __future__ import annotations
@@ -117,6 +120,62 @@ def bare_pipe_images(loader, epoch: int):
     feeder.close()
 
 
+STAGES = ("roi_decode", "full_decode", "roi_decode+dali_resize+dali_normalize",
+          "roi_decode+opencv_stage")
+
+
+def stage_rates(loader, rounds: int) -> dict:
+    """{variant: (img/s, CPU ms per image)}, medians over `rounds` interleaved rounds."""
+    from nvidia.dali import Pipeline, fn, types
+    paths = loader.samples.paths
+    idx, _ = loader.plan.batches(0)
+    data = [np.fromfile(p, dtype=np.uint8) for p in paths]
+    feeds = []
+    for row in idx:
+        win, flips = loader.windows(0, row)
+        feeds.append(loader.pipeline_inputs([data[i] for i in row], win, flips))
+    size = [loader.image_size] * 2
+
+    def build(variant):
+        batches = iter(feeds)
+        pipe = Pipeline(batch_size=loader.batch_size, num_threads=loader.cfg.num_workers,
+                        device_id=None, prefetch_queue_depth=loader.cfg.prefetch)
+        with pipe:
+            enc, anchor, shape, flip = fn.external_source(
+                source=lambda: next(batches), num_outputs=4, batch=True,
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32])
+            if variant == "full_decode":
+                out = fn.decoders.image(enc, device="cpu", output_type=types.RGB)
+            else:
+                out = fn.decoders.image_slice(enc, anchor, shape, device="cpu",
+                                              output_type=types.RGB, normalized_anchor=False,
+                                              normalized_shape=False, adjust_orientation=False)
+            if variant.endswith("dali_normalize"):
+                out = fn.resize(out, size=size, interp_type=types.INTERP_LINEAR, antialias=False)
+                out = fn.crop_mirror_normalize(out, mirror=flip, mean=list(MEAN_255),
+                                               std=list(STD_255), output_layout="CHW")
+            elif variant.endswith("opencv_stage"):
+                out = fn.python_function(out, flip, function=loader.cpu_stage(),
+                                         batch_processing=True, output_layouts="CHW")
+            pipe.set_outputs(out)
+        pipe.build()
+        return pipe
+
+    def run(variant):
+        pipe = build(variant)
+        for _ in range(len(feeds) - loader.cfg.prefetch - 1):  # the source runs ahead
+            (out,) = pipe.run()
+            yield len(out)
+
+    got = {v: ([], []) for v in STAGES}
+    for _ in range(rounds):
+        for v in STAGES:
+            rate, _, cpu = _rate(run(v))
+            got[v][0].append(rate)
+            got[v][1].append(cpu)
+    return {v: (statistics.median(r), statistics.median(c)) for v, (r, c) in got.items()}
+
+
 def eval_difference(root: Path, threads: int) -> dict:
     """Mean |DALI eval - PaddleClas OpenCV eval| in 0-255 levels, per photograph."""
     cfg = DataConfig(backend="dali", image_root=str(root), batch_size=1, num_workers=threads)
@@ -141,6 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--stages", action="store_true", help="also time the CPU pipeline's stages")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ppdpn_bench_") as tmp:
         root = Path(tmp)
@@ -164,6 +224,9 @@ def main(argv=None) -> int:
             print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.0f} img/s ({cpu_ms[k][-1]:.2f} CPU ms/img)"
                                              for k, v in rates.items()), flush=True)
         eval_mad = eval_difference(root, a.threads)
+        stages = stage_rates(dali, a.rounds) if a.stages else {}
+    for v, (rate, cpu) in stages.items():
+        print(f"stage {v}: {rate:.0f} img/s, {cpu:.2f} CPU ms/img")
     med = {k: statistics.median(v) for k, v in rates.items()}
     cpu = {k: statistics.median(v) for k, v in cpu_ms.items()}
     print("eval |DALI - OpenCV| per photo (0-255 levels): "
@@ -186,6 +249,8 @@ def main(argv=None) -> int:
         "threads": a.threads, "rounds": a.rounds, "cpu_count": os.cpu_count(),
         "load_avg_1min": round(os.getloadavg()[0], 2),
     }
+    if stages:
+        result["stages_cpu_ms_per_img"] = {v: round(c, 3) for v, (_, c) in stages.items()}
     print(json.dumps(result))
     return 0
 
