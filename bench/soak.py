@@ -57,24 +57,6 @@ def tiny_overrides(data_dir: Path, out_dir: Path, epochs: int, save_steps: int) 
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def worker_pids(launcher_pid: int) -> dict:
-    """{rank: pid} of the launcher's train.py workers."""
-    import psutil
-    found = {}
-    try:
-        children = psutil.Process(launcher_pid).children(recursive=True)
-    except psutil.Error:
-        return found
-    for c in children:
-        try:
-            rank = c.environ().get("PADDLE_TRAINER_ID")
-            if rank is not None and "train.py" in " ".join(c.cmdline()):
-                found[int(rank)] = c.pid
-        except psutil.Error:
-            continue
-    return found
-
-
 def alive(pid: int) -> bool:
     import psutil
     try:
@@ -119,6 +101,7 @@ def _signal(pid: int, sig) -> None:
 
 def run_job(cmd, env, log_dir: Path, nproc: int, fault_at, kind, rng) -> dict:
     """One launch; a fault `fault_at` s after training starts (None: no fault)."""
+    from ppdpn.dist import launcher_workers
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
     job = {"fault": None, "rc": None}
@@ -126,7 +109,7 @@ def run_job(cmd, env, log_dir: Path, nproc: int, fault_at, kind, rng) -> dict:
     t_fault = None
     while launcher.poll() is None:
         time.sleep(0.05)
-        pids = pids if len(pids) == nproc else worker_pids(launcher.pid) or pids
+        pids = pids if len(pids) == nproc else launcher_workers(launcher.pid) or pids
         if t_train is None and PROGRESS_RE.search(read_log(log_dir)):
             t_train = time.time()
         if (fault_at is not None and t_fault is None and t_train is not None and pids

@@ -74,17 +74,10 @@ def worker_pids(launcher_pid, nproc=2, timeout=60):
     """{rank: pid} of the train.py workers under a launcher, once all have started."""
     import time
 
-    import psutil
+    from ppdpn.dist import launcher_workers
     deadline = time.time() + timeout
     while time.time() < deadline:
-        kids = {}
-        for c in psutil.Process(launcher_pid).children(recursive=True):
-            try:
-                rank = c.environ().get("PADDLE_TRAINER_ID")
-                if rank is not None and "train.py" in " ".join(c.cmdline()):
-                    kids[int(rank)] = c.pid
-            except psutil.Error:
-                continue
+        kids = launcher_workers(launcher_pid)
         if len(kids) == nproc:
             return kids
         time.sleep(0.1)
