@@ -12,8 +12,9 @@ Other processes on a 2-core machine change every wall-clock number (the load ave
 is reported); CPU time per image is the steadier measure of the same thing.
 Also measures the DALI eval transform against PaddleClas's OpenCV one on the photos.
 `--stages` also times variants of the CPU train pipeline on the same bytes, read into
-memory first: ROI decode alone, full decode alone, DALI's own resize + normalise, and the
-OpenCV/numpy stage the loader uses (what docs/performance.md's stage table comes from).
+memory first: ROI decode alone, full decode alone, then ROI decode + resize + normalise
+with DALI's CPU resize and with the OpenCV resize the loader uses on a CPU (the source
+of docs/performance.md's stage table).
 The last stdout line is one JSON object.
 """
 from __future__ import annotations
@@ -121,7 +122,7 @@ def bare_pipe_images(loader, epoch: int):
 
 
 STAGES = ("roi_decode", "full_decode", "roi_decode+dali_resize+dali_normalize",
-          "roi_decode+opencv_stage")
+          "roi_decode+opencv_resize+dali_normalize")
 
 
 def stage_rates(loader, rounds: int) -> dict:
@@ -150,13 +151,13 @@ def stage_rates(loader, rounds: int) -> dict:
                 out = fn.decoders.image_slice(enc, anchor, shape, device="cpu",
                                               output_type=types.RGB, normalized_anchor=False,
                                               normalized_shape=False, adjust_orientation=False)
-            if variant.endswith("dali_normalize"):
+            if "dali_resize" in variant:
                 out = fn.resize(out, size=size, interp_type=types.INTERP_LINEAR, antialias=False)
+            elif "opencv_resize" in variant:  # what the loader runs on a CPU
+                out = loader.train_resize(out, size, {})
+            if variant.endswith("dali_normalize"):
                 out = fn.crop_mirror_normalize(out, mirror=flip, mean=list(MEAN_255),
                                                std=list(STD_255), output_layout="CHW")
-            elif variant.endswith("opencv_stage"):
-                out = fn.python_function(out, flip, function=loader.cpu_stage(),
-                                         batch_processing=True, output_layouts="CHW")
             pipe.set_outputs(out)
         pipe.build()
         return pipe

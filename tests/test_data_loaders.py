@@ -83,8 +83,8 @@ def test_resume_mid_epoch_repeats_the_same_batches(odd_set, backend):
 
 
 def test_dali_and_fallback_crop_alike(odd_set):
-    """Same plan (crop windows, flips) and, on a CPU, the same resize and normalise code
-    (base.finish_train_crop): only the JPEG decoders could differ, and they agree."""
+    """Same plan (crop windows, flips) and, on a CPU, the same OpenCV resize: only the
+    JPEG decoders could differ (and the normalisation's float rounding), and they agree."""
     out = {}
     for backend in BACKENDS:
         ld = build_loader(cfg_for(odd_set, backend, batch_size=8), "train", DistContext(), seed=1)
