@@ -39,7 +39,7 @@ import cv2  # noqa: E402
 from ppdpn.config import DataConfig  # noqa: E402
 from ppdpn.data import build_loader  # noqa: E402
 from ppdpn.data.base import MEAN_255, STD_255  # noqa: E402
-from ppdpn.data.dali import _Feeder  # noqa: E402
+from ppdpn.data.dali import _Feeder, linear_resize_args  # noqa: E402
 from ppdpn.dist import DistContext  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina",
@@ -135,7 +135,6 @@ def stage_rates(loader, rounds: int) -> dict:
     for row in idx:
         win, flips = loader.windows(0, row)
         feeds.append(loader.pipeline_inputs([data[i] for i in row], win, flips))
-    size = [loader.image_size] * 2
 
     def build(variant):
         batches = iter(feeds)
@@ -152,9 +151,9 @@ def stage_rates(loader, rounds: int) -> dict:
                                               output_type=types.RGB, normalized_anchor=False,
                                               normalized_shape=False, adjust_orientation=False)
             if "dali_resize" in variant:
-                out = fn.resize(out, size=size, interp_type=types.INTERP_LINEAR, antialias=False)
+                out = fn.resize(out, size=[loader.image_size] * 2, **linear_resize_args())
             elif "opencv_resize" in variant:  # what the loader runs on a CPU
-                out = loader.train_resize(out, size, {})
+                out = loader.train_resize(out)
             if variant.endswith("dali_normalize"):
                 out = fn.crop_mirror_normalize(out, mirror=flip, mean=list(MEAN_255),
                                                std=list(STD_255), output_layout="CHW")

@@ -95,6 +95,13 @@ class _Feeder:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def linear_resize_args() -> dict:
+    """fn.resize arguments for bilinear without antialiasing, like cv2.INTER_LINEAR in
+    PaddleClas and in our fallback loader."""
+    from nvidia.dali import types
+    return dict(interp_type=types.INTERP_LINEAR, antialias=False)
+
+
 class _CpuResize:
     """The resize of the CPU train pipeline, as a python_function: cv2.INTER_LINEAR to
     size x size, which is what fn.resize computes with INTERP_LINEAR and antialias=False
@@ -143,9 +150,7 @@ class DaliLoader(LoaderBase):
         cfg, size = self.cfg, [self.image_size, self.image_size]
         pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, cfg.num_workers),
                         device_id=self.ctx.dali_device_id, prefetch_queue_depth=cfg.prefetch)
-        # Bilinear without antialiasing, like cv2.INTER_LINEAR in PaddleClas and in our
-        # fallback loader; EXIF orientation ignored so header sizes match decoded pixels.
-        resize = dict(interp_type=types.INTERP_LINEAR, antialias=False)
+        # EXIF orientation ignored so header sizes match decoded pixels.
         with pipe:
             if self.is_train:
                 enc, anchor, shape, flip = fn.external_source(
@@ -154,7 +159,7 @@ class DaliLoader(LoaderBase):
                 img = fn.decoders.image_slice(
                     enc, anchor, shape, device=self.decode_device, output_type=types.RGB,
                     normalized_anchor=False, normalized_shape=False, adjust_orientation=False)
-                img = self.train_resize(img, size, resize)
+                img = self.train_resize(img)
             else:
                 enc, start, end = fn.external_source(
                     source=source, num_outputs=3, batch=True,
@@ -162,7 +167,7 @@ class DaliLoader(LoaderBase):
                 img = fn.decoders.image(enc, device=self.decode_device, output_type=types.RGB,
                                         adjust_orientation=False)
                 img = fn.resize(img, size=size, roi_start=start, roi_end=end,
-                                roi_relative=False, **resize)
+                                roi_relative=False, **linear_resize_args())
                 flip = 0
             out = fn.crop_mirror_normalize(
                 img, mirror=flip, mean=list(MEAN_255), std=list(STD_255),
@@ -172,12 +177,12 @@ class DaliLoader(LoaderBase):
         pipe.build()
         return pipe
 
-    def train_resize(self, img, size, resize):
-        """Crop window -> size x size: DALI's resampler on the GPU after nvJPEG, OpenCV's
-        (_CpuResize, same result, ~7x cheaper) after CPU decoding."""
+    def train_resize(self, img):
+        """Crop window -> image_size x image_size: DALI's resampler on the GPU after
+        nvJPEG, OpenCV's (_CpuResize, same result, ~7x cheaper) after CPU decoding."""
         from nvidia.dali import fn
         if self.decode_device == "mixed":
-            return fn.resize(img, size=size, **resize)
+            return fn.resize(img, size=[self.image_size] * 2, **linear_resize_args())
         if self._cpu_resize is None:
             self._cpu_resize = _CpuResize(self.image_size, self.cfg.num_workers)
         return fn.python_function(img, function=self._cpu_resize, batch_processing=True,
