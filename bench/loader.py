@@ -1,20 +1,25 @@
 """Loader throughput: DALI train pipeline vs the fallback loader, on the same JPEGs.
 
-    python bench/loader.py [--images 1600] [--batch-size 32] [--threads 2] [--rounds 3]
+    python bench/loader.py [--images 1600] [--batch-size 32] [--threads 2] [--rounds 6]
 
 Writes ImageNet-like JPEGs (~500x375, quality 90, cut from the photographs scikit-image
 ships) to a temporary folder, then times, interleaved in each round so machine load
 hits all alike: the DALI loader's epoch (our iterator: paddle tensors via DLPack), the
 same pipeline driven by bare pipe.run(), and the fallback loader (paddle DataLoader with
-`threads` OpenCV worker processes). Whole epochs are timed (start-up until the first
-batch is also reported apart), with the CPU time they cost. Medians over the rounds.
+`threads` OpenCV worker processes). On a CPU the loader finishes train batches on the
+host (DaliLoader.finish: resize, flip, normalise of DALI's decoded crops), so there the
+bare figure is pipe.run() + finish to a numpy batch: what the iterator adds is the rest
+(paddle hand-off, labels, bookkeeping). Whole epochs are timed (start-up until the first
+batch is also reported apart), with the CPU time they cost. Rates are medians over
+the rounds; ratios are medians of the ratios within each round (paired, so that a
+slow round slows both sides).
 Other processes on a 2-core machine change every wall-clock number (the load average
 is reported); CPU time per image is the steadier measure of the same thing.
 Also measures the DALI eval transform against PaddleClas's OpenCV one on the photos.
 `--stages` also times variants of the CPU train pipeline on the same bytes, read into
 memory first: ROI decode alone, full decode alone, then ROI decode + resize + normalise
-with DALI's CPU resize and with the OpenCV resize the loader uses on a CPU (the source
-of docs/performance.md's stage table).
+by DALI's CPU operators and by OpenCV in DaliLoader.finish, which is what the loader
+runs on a CPU (the source of docs/performance.md's stage table).
 The last stdout line is one JSON object.
 """
 from __future__ import annotations
@@ -111,18 +116,21 @@ def epoch_images(loader, epoch: int):
 
 
 def bare_pipe_images(loader, epoch: int):
-    """The same pipeline and feeder, outputs left in DALI: no DLPack, no paddle."""
+    """The same pipeline and feeder, no DLPack, no paddle (CPU: finished to numpy)."""
     idx, _ = loader.plan.batches(epoch)
     feeder = _Feeder(loader, epoch, idx, 0)
     pipe = loader.build_pipeline(feeder)
-    for _ in range(loader.steps_per_epoch):
+    for step in range(loader.steps_per_epoch):
         (out,) = pipe.run()
+        if loader.finish_on_host:
+            out = loader.finish(out, feeder.flips[step])
+        feeder.release(step)
         yield len(out)
     feeder.close()
 
 
 STAGES = ("roi_decode", "full_decode", "roi_decode+dali_resize+dali_normalize",
-          "roi_decode+opencv_resize+dali_normalize")
+          "roi_decode+opencv_finish")
 
 
 def stage_rates(loader, rounds: int) -> dict:
@@ -131,13 +139,14 @@ def stage_rates(loader, rounds: int) -> dict:
     paths = loader.samples.paths
     idx, _ = loader.plan.batches(0)
     data = [np.fromfile(p, dtype=np.uint8) for p in paths]
-    feeds = []
+    feeds, flips = [], []  # the train pipeline's inputs on a CPU, the flips apart
     for row in idx:
-        win, flips = loader.windows(0, row)
-        feeds.append(loader.pipeline_inputs([data[i] for i in row], win, flips))
+        win, flip = loader.windows(0, row)
+        feeds.append(loader.pipeline_inputs([data[i] for i in row], win, flip))
+        flips.append(flip)
 
     def build(variant):
-        batches = iter(feeds)
+        batches = ((*feed, flip) for feed, flip in zip(feeds, flips))
         pipe = Pipeline(batch_size=loader.batch_size, num_threads=loader.cfg.num_workers,
                         device_id=None, prefetch_queue_depth=loader.cfg.prefetch)
         with pipe:
@@ -152,9 +161,6 @@ def stage_rates(loader, rounds: int) -> dict:
                                               normalized_shape=False, adjust_orientation=False)
             if "dali_resize" in variant:
                 out = fn.resize(out, size=[loader.image_size] * 2, **linear_resize_args())
-            elif "opencv_resize" in variant:  # what the loader runs on a CPU
-                out = loader.train_resize(out)
-            if variant.endswith("dali_normalize"):
                 out = fn.crop_mirror_normalize(out, mirror=flip, mean=list(MEAN_255),
                                                std=list(STD_255), output_layout="CHW")
             pipe.set_outputs(out)
@@ -163,8 +169,10 @@ def stage_rates(loader, rounds: int) -> dict:
 
     def run(variant):
         pipe = build(variant)
-        for _ in range(len(feeds) - loader.cfg.prefetch - 1):  # the source runs ahead
+        for k in range(len(feeds) - loader.cfg.prefetch - 1):  # the source runs ahead
             (out,) = pipe.run()
+            if variant.endswith("opencv_finish"):  # what the loader runs on a CPU
+                out = loader.finish(out, flips[k])
             yield len(out)
 
     got = {v: ([], []) for v in STAGES}
@@ -199,7 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1600)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--stages", action="store_true", help="also time the CPU pipeline's stages")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ppdpn_bench_") as tmp:
@@ -215,9 +223,11 @@ def main(argv=None) -> int:
                 "bare": lambda e: bare_pipe_images(dali, e),
                 "fallback": lambda e: epoch_images(fallback, e)}
         rates, startup, cpu_ms = ({k: [] for k in runs} for _ in range(3))
+        names = list(runs)
         for r in range(a.rounds):
-            for name, run in runs.items():  # interleaved: load changes hit all three
-                rate, up, cpu = _rate(run(r))
+            # interleaved, so load changes hit all three; each round starts with another
+            for name in names[r % 3:] + names[:r % 3]:
+                rate, up, cpu = _rate(runs[name](r))
                 rates[name].append(rate)
                 startup[name].append(up)
                 cpu_ms[name].append(cpu)
@@ -229,18 +239,21 @@ def main(argv=None) -> int:
         print(f"stage {v}: {rate:.0f} img/s, {cpu:.2f} CPU ms/img")
     med = {k: statistics.median(v) for k, v in rates.items()}
     cpu = {k: statistics.median(v) for k, v in cpu_ms.items()}
+
+    def paired(a, b):  # median over rounds of a[r] / b[r]
+        return statistics.median(x / y for x, y in zip(a, b))
     print("eval |DALI - OpenCV| per photo (0-255 levels): "
           + ", ".join(f"{k} {v:.3f}" for k, v in eval_mad.items()))
     result = {
         "dali_img_s": round(med["dali"], 1), "fallback_img_s": round(med["fallback"], 1),
-        "ratio": round(med["dali"] / med["fallback"], 2),
+        "ratio": round(paired(rates["dali"], rates["fallback"]), 2),
         "bare_pipe_img_s": round(med["bare"], 1),
-        "iterator_overhead": round(med["bare"] / med["dali"] - 1.0, 4),
-        "iterator_overhead_cpu": round(cpu["dali"] / cpu["bare"] - 1.0, 4),
+        "iterator_overhead": round(paired(rates["bare"], rates["dali"]) - 1.0, 4),
+        "iterator_overhead_cpu": round(paired(cpu_ms["dali"], cpu_ms["bare"]) - 1.0, 4),
         # CPU cost per image: what bounds img/s on idle cores, and less noisy than wall time
         "dali_cpu_ms_per_img": round(cpu["dali"], 3),
         "fallback_cpu_ms_per_img": round(cpu["fallback"], 3),
-        "cpu_ratio": round(cpu["fallback"] / cpu["dali"], 2),
+        "cpu_ratio": round(paired(cpu_ms["fallback"], cpu_ms["dali"]), 2),
         "dali_startup_s": round(statistics.median(startup["dali"]), 3),
         "fallback_startup_s": round(statistics.median(startup["fallback"]), 3),
         "eval_mad_vs_opencv": round(float(np.mean(list(eval_mad.values()))), 3),

@@ -83,8 +83,9 @@ def test_resume_mid_epoch_repeats_the_same_batches(odd_set, backend):
 
 
 def test_dali_and_fallback_crop_alike(odd_set):
-    """Same plan (crop windows, flips) and, on a CPU, the same OpenCV resize: only the
-    JPEG decoders could differ (and the normalisation's float rounding), and they agree."""
+    """Same plan (crop windows, flips) and, on a CPU, the same code after decoding
+    (base.resize_flip_normalize): only the JPEG decoders could differ (DALI's ROI decode
+    against OpenCV's full decode + crop); they agree (bit for bit with today's wheels)."""
     out = {}
     for backend in BACKENDS:
         ld = build_loader(cfg_for(odd_set, backend, batch_size=8), "train", DistContext(), seed=1)

@@ -17,9 +17,48 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_255 = tuple(255.0 * m for m in IMAGENET_MEAN)
 STD_255 = tuple(255.0 * s for s in IMAGENET_STD)
+# (x - mean) / std as x * scale + shift, per channel
+_SCALE = [1.0 / s for s in STD_255]
+_SHIFT = [-m / s for m, s in zip(MEAN_255, STD_255)]
 # Stand-in for a file that failed mid-run: a tiny grey image every decoder reads,
 # decoded in the failed sample's slot so batch shapes and step counts never change.
 SUBSTITUTE_SIZE = 16
+
+
+def normalize(img: np.ndarray, layout: str = "NCHW", dtype: str = "float32",
+              out: Optional[np.ndarray] = None) -> np.ndarray:
+    """HWC uint8 RGB -> (x - mean) / std as `dtype`, CHW for NCHW and HWC for NHWC,
+    written into `out` when given. OpenCV arithmetic on whole planes: numpy
+    broadcasting over a last axis of length 3 costs ~10x more (0.9 against 0.08 ms for
+    224 x 224 here). OpenCV releases the GIL, so threads can share the work."""
+    import cv2
+    h, w = img.shape[:2]
+    shape = (3, h, w) if layout == "NCHW" else (h, w, 3)
+    if out is None:
+        out = np.empty(shape, dtype=dtype)
+    f32 = out if out.dtype == np.float32 else np.empty(shape, dtype=np.float32)
+    if layout == "NCHW":  # one pass per plane: x * scale + shift
+        for c, plane in enumerate(cv2.split(img)):
+            cv2.addWeighted(plane, _SCALE[c], plane, 0.0, _SHIFT[c], dst=f32[c], dtype=cv2.CV_32F)
+    else:
+        f32[...] = img
+        cv2.multiply(f32, (*_SCALE, 1.0), dst=f32)
+        cv2.add(f32, (*_SHIFT, 0.0), dst=f32)
+    if f32 is not out:
+        out[...] = f32
+    return out
+
+
+def resize_flip_normalize(crop: np.ndarray, size: int, flip: bool, layout: str = "NCHW",
+                          dtype: str = "float32", out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The train transform after the crop, as PaddleClas does it: cv2.resize
+    INTER_LINEAR (no antialiasing) to size x size, horizontal flip, normalize. Both
+    loaders run it on a CPU (DALI's CPU resize and normalise cost ~4x more here)."""
+    import cv2
+    img = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+    if flip:
+        img = cv2.flip(img, 1)
+    return normalize(img, layout, dtype, out)
 
 
 class BadDataError(DataSetError):

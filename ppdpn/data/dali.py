@@ -11,6 +11,10 @@ step): it holds no state of ours, and building one takes milliseconds.
 The official nvidia.dali.plugin.paddle iterator fails on CPU Paddle (PLATFORM.md);
 DALI's default executor keeps outputs alive while referenced, so handing its buffers
 to paddle through DLPack is zero-copy and safe.
+On a CPU, DALI does what it does best there, decoding only the crop window (ROI
+decode), and the train batch is finished by OpenCV in the loader's threads (`finish`),
+the fallback loader's own transform: DALI's CPU resize and normalise cost ~4x more.
+On a GPU everything after reading the bytes is DALI's (nvJPEG, resize, normalise).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ppdpn.data.base import MEAN_255, STD_255, SUBSTITUTE_SIZE, LoaderBase, _substitute_jpeg, log
+from ppdpn.data.base import (MEAN_255, STD_255, SUBSTITUTE_SIZE, LoaderBase, _substitute_jpeg,
+                             log, resize_flip_normalize)
 
 # Batches whose files are read ahead by threads while DALI decodes (np.fromfile
 # releases the GIL, so reading overlaps decoding even on 2 cores).
@@ -51,6 +56,7 @@ class _Feeder:
     def __init__(self, loader: "DaliLoader", epoch: int, idx: np.ndarray, start: int):
         self.loader, self.epoch, self.idx, self.step = loader, epoch, idx, start
         self.substituted: Dict[int, np.ndarray] = {}  # step -> bool [B]
+        self.flips: Dict[int, np.ndarray] = {}  # step -> flips, for DaliLoader.finish
         self.fed: Dict[int, Dict[int, np.ndarray]] = {}  # step -> {slot: bytes} fed as is
         self._pool = ThreadPoolExecutor(max_workers=2)
         self._reads: Dict[int, object] = {}
@@ -83,13 +89,13 @@ class _Feeder:
             else:
                 self.fed[s][k] = data
             enc.append(data)
-        self.substituted[s] = subs
+        self.substituted[s], self.flips[s] = subs, flips
         return loader.pipeline_inputs(enc, win, flips)
 
     def release(self, step: int) -> None:
         """Forget the bytes of steps before `step`: DALI is done with them."""
         for s in [s for s in self.fed if s < step]:
-            del self.fed[s], self.substituted[s]
+            del self.fed[s], self.substituted[s], self.flips[s]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -102,26 +108,6 @@ def linear_resize_args() -> dict:
     return dict(interp_type=types.INTERP_LINEAR, antialias=False)
 
 
-class _CpuResize:
-    """The resize of the CPU train pipeline, as a python_function: cv2.INTER_LINEAR to
-    size x size, which is what fn.resize computes with INTERP_LINEAR and antialias=False
-    (and what PaddleClas and the fallback loader use), at a fraction of the cost on a
-    CPU: ~0.1 ms per 224 x 224 output here against ~0.7 ms for DALI's CPU resampler
-    (`bench/loader.py --stages`). DALI calls it once per batch from one thread, so the
-    images are spread over `threads` threads; OpenCV releases the GIL while it works."""
-
-    def __init__(self, size: int, threads: int):
-        self.size = (size, size)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="dali-resize")
-
-    def one(self, crop: np.ndarray) -> np.ndarray:
-        import cv2
-        return cv2.resize(crop, self.size, interpolation=cv2.INTER_LINEAR)
-
-    def __call__(self, crops):
-        return list(self.pool.map(self.one, crops))
-
-
 class DaliLoader(LoaderBase):
     """DALI pipelines (mixed/nvJPEG decode on GPU, CPU decode otherwise) + own iterator."""
 
@@ -129,7 +115,10 @@ class DaliLoader(LoaderBase):
         super().__init__(*args, **kwargs)
         self.substitute = _substitute_jpeg()
         self.decode_device = "mixed" if self.ctx.use_gpu else "cpu"  # DistContext decides
-        self._cpu_resize: Optional[_CpuResize] = None  # made with the first CPU train pipe
+        # On a CPU, train batches are finished on the host (see finish).
+        self.finish_on_host = self.is_train and self.decode_device == "cpu"
+        self._pool = (ThreadPoolExecutor(max(1, self.cfg.num_workers), thread_name_prefix="dali-finish")
+                      if self.finish_on_host else None)
 
     def pipeline_inputs(self, enc: List[np.ndarray], win: np.ndarray, flips: np.ndarray):
         """Per-sample inputs of the external source, in the order build_pipeline expects."""
@@ -137,56 +126,65 @@ class DaliLoader(LoaderBase):
         win = np.asarray(win, dtype=np.float32)
         # (DALI rejects strided views, hence the contiguous copies.)
         if self.is_train:  # image_slice: anchor (x, y) and shape (w, h) in pixels
-            return (enc, np.ascontiguousarray(win[:, :2]), np.ascontiguousarray(win[:, 2:]),
-                    np.asarray(flips, dtype=np.int32))
+            out = (enc, np.ascontiguousarray(win[:, :2]), np.ascontiguousarray(win[:, 2:]))
+            return out if self.finish_on_host else out + (np.asarray(flips, dtype=np.int32),)
         starts = np.ascontiguousarray(win[:, [1, 0]])  # resize's ROI is in shape order: (y, x)
         return enc, starts, np.ascontiguousarray(starts + win[:, [3, 2]])
 
     def build_pipeline(self, source):
-        """Train: ROI decode of the crop window, resize (see train_resize), flip, normalise.
-        Eval: decode, resize the centre-crop window to image_size (equal to PaddleClas's
+        """Train: ROI decode of the crop window, resize, flip, normalise; on a CPU the
+        pipeline ends with the decoded crops and `finish` does the rest. Eval: decode,
+        resize the centre-crop window to image_size (equal to PaddleClas's
         resize-short-then-crop, see plan.eval_windows), normalise."""
         from nvidia.dali import Pipeline, fn, types
         cfg, size = self.cfg, [self.image_size, self.image_size]
         pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, cfg.num_workers),
                         device_id=self.ctx.dali_device_id, prefetch_queue_depth=cfg.prefetch)
+        u8, f32 = types.UINT8, types.FLOAT
         # EXIF orientation ignored so header sizes match decoded pixels.
+        decode = dict(device=self.decode_device, output_type=types.RGB, adjust_orientation=False)
+        slice_args = dict(normalized_anchor=False, normalized_shape=False, **decode)
         with pipe:
-            if self.is_train:
-                enc, anchor, shape, flip = fn.external_source(
-                    source=source, num_outputs=4, batch=True,
-                    dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32])
-                img = fn.decoders.image_slice(
-                    enc, anchor, shape, device=self.decode_device, output_type=types.RGB,
-                    normalized_anchor=False, normalized_shape=False, adjust_orientation=False)
-                img = self.train_resize(img)
+            if self.finish_on_host:
+                enc, anchor, shape = fn.external_source(
+                    source=source, num_outputs=3, batch=True, dtype=[u8, f32, f32])
+                pipe.set_outputs(fn.decoders.image_slice(enc, anchor, shape, **slice_args))
             else:
-                enc, start, end = fn.external_source(
-                    source=source, num_outputs=3, batch=True,
-                    dtype=[types.UINT8, types.FLOAT, types.FLOAT])
-                img = fn.decoders.image(enc, device=self.decode_device, output_type=types.RGB,
-                                        adjust_orientation=False)
-                img = fn.resize(img, size=size, roi_start=start, roi_end=end,
-                                roi_relative=False, **linear_resize_args())
-                flip = 0
-            out = fn.crop_mirror_normalize(
-                img, mirror=flip, mean=list(MEAN_255), std=list(STD_255),
-                dtype=types.FLOAT16 if cfg.output_dtype == "float16" else types.FLOAT,
-                output_layout="CHW" if cfg.output_layout == "NCHW" else "HWC")
-            pipe.set_outputs(out)
+                if self.is_train:
+                    enc, anchor, shape, flip = fn.external_source(
+                        source=source, num_outputs=4, batch=True,
+                        dtype=[u8, f32, f32, types.INT32])
+                    img = fn.decoders.image_slice(enc, anchor, shape, **slice_args)
+                    img = fn.resize(img, size=size, **linear_resize_args())
+                else:
+                    enc, start, end = fn.external_source(
+                        source=source, num_outputs=3, batch=True, dtype=[u8, f32, f32])
+                    img = fn.resize(fn.decoders.image(enc, **decode), size=size,
+                                    roi_start=start, roi_end=end, roi_relative=False,
+                                    **linear_resize_args())
+                    flip = 0
+                pipe.set_outputs(fn.crop_mirror_normalize(
+                    img, mirror=flip, mean=list(MEAN_255), std=list(STD_255),
+                    dtype=types.FLOAT16 if cfg.output_dtype == "float16" else types.FLOAT,
+                    output_layout="CHW" if cfg.output_layout == "NCHW" else "HWC"))
         pipe.build()
         return pipe
 
-    def train_resize(self, img):
-        """Crop window -> image_size x image_size: DALI's resampler on the GPU after
-        nvJPEG, OpenCV's (_CpuResize, same result, ~7x cheaper) after CPU decoding."""
-        from nvidia.dali import fn
-        if self.decode_device == "mixed":
-            return fn.resize(img, size=[self.image_size] * 2, **linear_resize_args())
-        if self._cpu_resize is None:
-            self._cpu_resize = _CpuResize(self.image_size, self.cfg.num_workers)
-        return fn.python_function(img, function=self._cpu_resize, batch_processing=True,
-                                  output_layouts="HWC")
+    def finish(self, crops, flips: np.ndarray) -> np.ndarray:
+        """A CPU train batch from DALI's decoded crops: resize_flip_normalize (the
+        fallback loader's own code) over num_workers threads into one batch array.
+        DALI's CPU resize + crop_mirror_normalize cost ~1.0 ms per 224 px image here,
+        OpenCV's ~0.25 (`bench/loader.py --stages`), and running it outside the pipeline
+        lets it overlap with DALI decoding the next batches."""
+        c, size = self.cfg, self.image_size
+        shape = (3, size, size) if c.output_layout == "NCHW" else (size, size, 3)
+        batch = np.empty((len(crops), *shape), dtype=c.output_dtype)
+
+        def one(k: int) -> None:
+            resize_flip_normalize(np.asarray(crops[k]), size, bool(flips[k]),
+                                  c.output_layout, c.output_dtype, out=batch[k])
+        list(self._pool.map(one, range(len(crops))))
+        return batch
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Yield (images, labels int64, valid float32) for steps start_step.. of `epoch`."""
@@ -207,8 +205,10 @@ class DaliLoader(LoaderBase):
                         failures += 1
                         self._on_failure(err, feeder, epoch, step, failures)
                         break  # rebuild the pipeline and feed this step again
-                    # stream=None: DALI waits on the host, so the tensor is ready for paddle
-                    images = from_dlpack(out.as_tensor().__dlpack__(None))
+                    if self.finish_on_host:
+                        images = from_dlpack(self.finish(out, feeder.flips[step]).__dlpack__())
+                    else:  # stream=None: DALI waits on the host, so paddle can read it
+                        images = from_dlpack(out.as_tensor().__dlpack__(None))
                     ok = valid[step] * ~feeder.substituted[step]
                     feeder.release(step)
                     labels, ok = self.targets(idx[step], ok)
