@@ -1,6 +1,6 @@
 """Loader throughput: DALI train pipeline vs the fallback loader, on the same JPEGs.
 
-    python bench/loader.py [--images 1600] [--batch-size 32] [--threads 2] [--rounds 6]
+    python bench/loader.py [--images 1600] [--batch-size 32] [--threads 2] [--rounds 10]
 
 Writes ImageNet-like JPEGs (~500x375, quality 90, cut from the photographs scikit-image
 ships) to a temporary folder, then times, interleaved in each round so machine load
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1600)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--stages", action="store_true", help="also time the CPU pipeline's stages")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ppdpn_bench_") as tmp:
