@@ -1,6 +1,10 @@
 """Both loaders on tiny data sets: exactly once, resume, transforms, bad files."""
+import json
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -206,3 +210,21 @@ def test_class_folder_tree_and_label_check(tmp_path):
     with pytest.raises(BadDataError, match="out of range"):
         build_loader(cfg_for(root, "dali"), "train", DistContext(), 0, num_classes=10)
 
+
+
+def test_loader_bench_runs_and_eval_matches_opencv_on_photographs():
+    """bench/loader.py end to end on a small set (it drives the loaders' internals, so it
+    is kept working here; its speed figures are not asserted): the JSON line, and the
+    DALI eval transform within 1 grey level of PaddleClas's OpenCV one on the
+    photographs scikit-image ships (measured 0.116 on average, 0.128 at most)."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/loader.py", "--images", "160", "--rounds", "1",
+                           "--stages"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["eval_mad_vs_opencv"] < 0.5 and res["eval_mad_max_photo"] < 1.0
+    assert res["images"] == 160 and res["dali_img_s"] > 0 and res["fallback_img_s"] > 0
+    assert res["ratio"] > 0 and res["bare_pipe_img_s"] > 0
+    assert set(res["stages_cpu_ms_per_img"]) == {
+        "roi_decode", "full_decode", "roi_decode+dali_resize+dali_normalize",
+        "roi_decode+opencv_finish"}
