@@ -127,16 +127,7 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
                 max_skipped=g.max_skipped_steps, should_stop=lambda: dist.any_rank(stopper.flag),
                 on_step=saver.maybe_save_steps, log_progress=clock.report, max_steps=g.max_steps)
             if outcome == "stopped":
-                who = stopper.name or "a signal to another rank"
-                # The launcher SIGTERMs the other ranks as soon as one exits 75: ignore that
-                # (SIG_IGN survives interpreter shutdown) and exit together after the save.
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-                saver.save(state, reason=who)
-                dist.barrier()
-                log.info(f"[run] stopped by {who} at step {state.global_step}; "
-                         f"checkpointed, exit {EXIT_REQUEUE} (requeue)")
-                return EXIT_REQUEUE
+                return checkpoint_for_requeue(stopper, saver, state, log)
             if outcome == "epoch_end":
                 state.epoch += 1
                 state.step_in_epoch = 0
@@ -176,6 +167,21 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
     if ctx.is_main:
         print(json.dumps(metrics), flush=True)
     return 0
+
+
+def checkpoint_for_requeue(stopper, saver, state, log) -> int:
+    """All ranks stopped at the same step (a signal reached one of them): rank 0 saves
+    that step, then every rank exits EXIT_REQUEUE."""
+    who = stopper.name or "a signal to another rank"
+    # The launcher SIGTERMs the other ranks as soon as one exits 75: ignore that
+    # (SIG_IGN survives interpreter shutdown) and exit together after the save.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    saver.save(state, reason=who)
+    dist.barrier()
+    log.info(f"[run] stopped by {who} at step {state.global_step}; "
+             f"checkpointed, exit {EXIT_REQUEUE} (requeue)")
+    return EXIT_REQUEUE
 
 
 if __name__ == "__main__":
