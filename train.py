@@ -124,7 +124,7 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
                 mix=partial(mix_batch, data_format=cfg.DataLoader.output_layout),
                 label_smoothing=cfg.Loss.label_smoothing, mixup_alpha=cfg.DataLoader.mixup_alpha,
                 cutmix_alpha=cfg.DataLoader.cutmix_alpha, print_interval=g.print_interval,
-                max_skipped=g.max_skipped_steps, should_stop=lambda: dist.any_rank(stopper.flag),
+                max_skipped=g.max_skipped_steps, stop_requested=lambda: stopper.flag,
                 on_step=saver.maybe_save_steps, log_progress=clock.report, max_steps=g.max_steps)
             if outcome == "stopped":
                 return checkpoint_for_requeue(stopper, saver, state, log)

@@ -150,7 +150,7 @@ def run_benchmark(cfg, model, amp, ctx, real_data=False, warmup=5, steps=20) -> 
                     label_smoothing=cfg.Loss.label_smoothing, mixup_alpha=d.mixup_alpha,
                     cutmix_alpha=d.cutmix_alpha,
                     print_interval=1 if real_data else warmup + steps, max_skipped=10**9,
-                    should_stop=lambda: False, on_step=on_step, log_progress=on_window,
+                    stop_requested=lambda: False, on_step=on_step, log_progress=on_window,
                     max_steps=warmup + steps)
     step_s = np.diff(stamps)[warmup:]
     med = float(np.median(step_s))

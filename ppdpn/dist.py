@@ -166,14 +166,6 @@ def all_reduce_sum(values) -> np.ndarray:
     return t.numpy()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on at least one (stop decisions).
-
-    With more than one rank this is a collective plus a host read, so a caller that asks
-    every step syncs the host with the device every step; with one rank it is free."""
-    return bool(all_reduce_sum([1.0 if flag else 0.0])[0] > 0)
-
-
 def ranks_agree(value: float) -> bool:
     """True when every rank holds the same float (max == min over ranks)."""
     if _CTX.world_size == 1:

@@ -84,11 +84,17 @@ class StepWindow:
 def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: TrainState, *,
                     num_classes: int, mix: Callable, seed: int, label_smoothing: float,
                     mixup_alpha: float, cutmix_alpha: float, print_interval: int,
-                    max_skipped: int, should_stop: Callable[[], bool], on_step: Callable,
+                    max_skipped: int, stop_requested: Callable[[], bool], on_step: Callable,
                     log_progress: Callable, max_steps: int = 0) -> str:
     """Train until the epoch ends ('epoch_end'), a stop is agreed ('stopped') or
-    max_steps is reached ('max_steps')."""
+    max_steps is reached ('max_steps').
+
+    `stop_requested` is this rank's own flag (a signal arrived). All ranks must stop at
+    the same step, so the flags are combined at a host sync: every step with one rank
+    (free), else at each progress flush, whose all-reduce carries them: a per-step
+    collective would make the host wait for the device every step."""
     model.train()
+    alone = dist.context().world_size == 1
     window, t_data, t_compute = StepWindow(), 0.0, 0.0
     tick = time.perf_counter()
     for images, labels, valid in loader.epoch(state.epoch, start_step=state.step_in_epoch):
@@ -118,27 +124,30 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: Tra
         t_compute += (tick := time.perf_counter()) - t0
         last = state.step_in_epoch == loader.steps_per_epoch
         done = "max_steps" if max_steps and state.global_step >= max_steps else None
-        if window.count == print_interval or last or done:
-            _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compute)
+        stop = False
+        if window.count == print_interval or last or done or (alone and stop_requested()):
+            stop = _flush_window(window, amp, state, max_skipped, log_progress, t_data,
+                                 t_compute, stop_requested())
             window, t_data, t_compute = StepWindow(), 0.0, 0.0
         on_step(state)
         if done:
             return done
-        if should_stop():  # agreed by all ranks, so the flush below is collective too
-            if window.count:
-                _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compute)
+        if stop:
             return "stopped"
     return "epoch_end"
 
 
-def _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compute):
-    """The one host sync per print interval: reduce, check finiteness, report.
+def _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compute,
+                  stop_here: bool) -> bool:
+    """The one host sync per print interval: reduce, check finiteness, report; returns
+    whether any rank asked to stop (`stop_here` is this rank's flag).
 
     Steps are judged over all ranks (a step is bad when it is bad on any rank), so every
     rank raises at the same flush and none is left waiting in a collective."""
     bad_local = paddle.stack(window.bad).numpy()
     loss_mean = float(window.loss_sum.item()) / window.count
-    sums = dist.all_reduce_sum([loss_mean, t_data, t_compute, *bad_local])
+    sums = dist.all_reduce_sum([float(stop_here), loss_mean, t_data, t_compute, *bad_local])
+    stop, sums = bool(sums[0] > 0), sums[1:]
     world = dist.context().world_size
     bad = sums[3:] > 0
     first_step = state.global_step - window.count + 1  # global step of the window's first
@@ -163,6 +172,7 @@ def _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compu
     log_progress(state, window.count, {"loss": sums[0] / world, "data_s": sums[1] / world,
                                        "compute_s": sums[2] / world,
                                        "loss_scale": amp.loss_scale()})
+    return stop
 
 
 @paddle.no_grad()

@@ -117,16 +117,8 @@ def test_nhwc_end_to_end_from_the_real_loader(tiny_data, tmp_path):
 
 
 def test_train_one_epoch_reads_the_device_once_per_print_window(monkeypatch):
-    """No host-device sync per step: values are read at the print interval only.
-
-    (With world_size > 1 train.py's stop-signal agreement, dist.any_rank, is a collective
-    and a host read every step; with one process it touches no tensor.)"""
-    paddle.seed(0)
-    model = create_model("DenseNetTiny", num_classes=4)
-    loader = SyntheticLoader(4, 32, 4, steps=12, layout="NCHW", seed=0)
-    opt_cfg = OptimizerConfig()
-    lr = ScheduleLR(build_schedule(opt_cfg.lr, 1, 12, 4))
-    optimizer = build_optimizer(model, opt_cfg, lr, multi_precision=False)
+    """No host-device sync per step: values are read at the print interval only (with
+    several ranks the stop flags ride on that flush's all-reduce, so no step adds one)."""
     state, reads = TrainState(), []
     for method in ("item", "numpy", "tolist", "__float__", "__int__", "__bool__", "__index__",
                    "__array__"):
@@ -137,16 +129,38 @@ def test_train_one_epoch_reads_the_device_once_per_print_window(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(paddle.Tensor, method, counted)
-    windows = []
-    train_one_epoch(model, loader, optimizer, lr, build_amp(AMPConfig(), use_gpu=False), state,
-                    num_classes=4, mix=mix_batch, seed=0, label_smoothing=0.1, mixup_alpha=0.2,
-                    cutmix_alpha=0.0, print_interval=6, max_skipped=1,
-                    should_stop=lambda: dist.any_rank(False), on_step=lambda s: None,
-                    log_progress=lambda s, count, values: windows.append(count))
+    outcome, windows = _train_12_steps(state, print_interval=6, stop_requested=lambda: False)
     monkeypatch.undo()
-    assert state.global_step == 12 and windows == [6, 6]
+    assert outcome == "epoch_end" and state.global_step == 12 and windows == [6, 6]
     assert sorted(set(reads)) == [6, 12], f"host reads at steps {reads}"
     assert len(reads) <= 2 * 4, f"{len(reads)} host reads in 2 windows"
+
+
+def test_a_single_process_stops_at_the_step_the_signal_arrived():
+    """One rank: agreeing on a stop is free, so it happens at the next step, not at the
+    next flush (the partial window is still reported)."""
+    state = TrainState()
+    outcome, windows = _train_12_steps(state, print_interval=6,
+                                       stop_requested=lambda: state.global_step >= 3)
+    assert outcome == "stopped" and state.global_step == 3 and windows == [3]
+
+
+def _train_12_steps(state, print_interval, stop_requested):
+    """train_one_epoch of DenseNetTiny on 12 synthetic batches: (outcome, window sizes)."""
+    paddle.seed(0)
+    model = create_model("DenseNetTiny", num_classes=4)
+    loader = SyntheticLoader(4, 32, 4, steps=12, layout="NCHW", seed=0)
+    opt_cfg = OptimizerConfig()
+    lr = ScheduleLR(build_schedule(opt_cfg.lr, 1, 12, 4))
+    optimizer = build_optimizer(model, opt_cfg, lr, multi_precision=False)
+    windows = []
+    outcome = train_one_epoch(
+        model, loader, optimizer, lr, build_amp(AMPConfig(), use_gpu=False), state,
+        num_classes=4, mix=mix_batch, seed=0, label_smoothing=0.1, mixup_alpha=0.2,
+        cutmix_alpha=0.0, print_interval=print_interval, max_skipped=1,
+        stop_requested=stop_requested, on_step=lambda s: None,
+        log_progress=lambda s, count, values: windows.append(count))
+    return outcome, windows
 
 
 def test_gpu_flags_are_the_cudnn_training_settings():

@@ -270,7 +270,7 @@ def _train(bad, steps, scaler, max_skipped=3, print_interval=100):
     outcome = train_one_epoch(net, _Batches(bad, steps), opt, lr, amp, state, num_classes=3, mix=mix,
                               seed=0, label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
                               print_interval=print_interval, max_skipped=max_skipped,
-                              should_stop=lambda: False,
+                              stop_requested=lambda: False,
                               on_step=lambda s: weights.append(net[0].weight.numpy().copy()),
                               log_progress=record)
     return outcome, weights, lines, state
