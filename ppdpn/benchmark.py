@@ -100,10 +100,7 @@ class MemoryMeter:
 
 def benchmark_loader(cfg, ctx, real_data: bool, steps: int):
     """`steps` batches: the configured train loader's, or one synthetic batch repeated."""
-    d = cfg.DataLoader
-    if d.output_layout != cfg.Arch.data_format:
-        raise ValueError(f"DataLoader.output_layout={d.output_layout} but Arch.data_format="
-                         f"{cfg.Arch.data_format}: the model must take the loader's layout")
+    d = cfg.DataLoader  # load_config has checked that its layout is the model's
     if real_data:
         from ppdpn.data import build_loader
         return RepeatedLoader(build_loader(d, "train", ctx, cfg.Global.seed, cfg.Arch.class_num),
