@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ppdpn.data.base import (MEAN_255, STD_255, SUBSTITUTE_SIZE, LoaderBase, _substitute_jpeg,
-                             log, resize_flip_normalize)
+                             image_shape, log, resize_flip_normalize)
 
 # Batches whose files are read ahead by threads while DALI decodes (np.fromfile
 # releases the GIL, so reading overlaps decoding even on 2 cores).
@@ -177,8 +177,8 @@ class DaliLoader(LoaderBase):
         OpenCV's ~0.25 (`bench/loader.py --stages`), and running it outside the pipeline
         lets it overlap with DALI decoding the next batches."""
         c, size = self.cfg, self.image_size
-        shape = (3, size, size) if c.output_layout == "NCHW" else (size, size, 3)
-        batch = np.empty((len(crops), *shape), dtype=c.output_dtype)
+        batch = np.empty((len(crops), *image_shape(c.output_layout, size, size)),
+                         dtype=c.output_dtype)
 
         def one(k: int) -> None:
             resize_flip_normalize(np.asarray(crops[k]), size, bool(flips[k]),

@@ -12,7 +12,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from ppdpn.data.base import LoaderBase, normalize, resize_flip_normalize
+from ppdpn.data.base import LoaderBase, image_shape, normalize, resize_flip_normalize
 from ppdpn.data.check import BadFile, image_header
 from ppdpn.data.plan import eval_geometry
 
@@ -65,8 +65,8 @@ class _JobDataset:
         try:
             return self.transform(self._decode(self.paths[job[0]]), job), np.int32(1)
         except Exception:
-            shape = (3, self.size, self.size) if self.layout == "NCHW" else (self.size, self.size, 3)
-            return np.zeros(shape, dtype=self.dtype), np.int32(0)
+            return (np.zeros(image_shape(self.layout, self.size, self.size), dtype=self.dtype),
+                    np.int32(0))
 
 
 def _collate(items):
