@@ -111,8 +111,8 @@ def install_slurm() -> float:
         if proc.returncode != 0:
             pytest.skip(f"cannot install Slurm: `{' '.join(cmd)}` exited {proc.returncode}: "
                         f"{(proc.stderr or proc.stdout).strip()[-500:]}")
-    if _missing_binaries():
-        pytest.skip(f"apt-get installed {PACKAGES} but {_missing_binaries()} are still missing")
+    if _missing_binaries():  # installed, yet absent: our package list is wrong, a failure
+        pytest.fail(f"apt-get installed {PACKAGES} but {_missing_binaries()} are still missing")
     return time.monotonic() - start
 
 

@@ -69,7 +69,8 @@ def test_state_dict_converts_to_paddleclas_layout(published):
     name, model = published
     tsv = read_tsv(name)
     if tsv is None:
-        pytest.skip(f"{TSV_DIR} is absent")
+        pytest.skip(f"{TSV_DIR} is absent (PaddleClas's state-dict layouts, kept beside the "
+                    f"repository in ../shared/reference, not in it)")
     ours = [(k, list(v.shape)) for k, v in to_paddleclas_state_dict(model, name).items()]
     assert ours == tsv  # same keys, same shapes, same order
     trainable = sum(int(np.prod(s)) for k, s in tsv if not k.endswith(("_mean", "_variance")))
