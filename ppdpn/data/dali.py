@@ -19,6 +19,7 @@ On a GPU everything after reading the bytes is DALI's (nvJPEG, resize, normalise
 from __future__ import annotations
 
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
@@ -30,6 +31,9 @@ from ppdpn.data.base import (MEAN_255, STD_255, SUBSTITUTE_SIZE, LoaderBase, _su
 # Batches whose files are read ahead by threads while DALI decodes (np.fromfile
 # releases the GIL, so reading overlaps decoding even on 2 cores).
 READ_AHEAD = 3
+# Batch arrays DaliLoader.finish keeps for reuse: the one being filled, the one the
+# trainer holds, and spares for a trainer that keeps the previous batch too.
+KEPT_BATCHES = 4
 # A step that fails this often even after substitution is a bug, not a bad file.
 MAX_FAILURES_PER_STEP = 3
 
@@ -119,6 +123,7 @@ class DaliLoader(LoaderBase):
         self.finish_on_host = self.is_train and self.decode_device == "cpu"
         self._pool = (ThreadPoolExecutor(max(1, self.cfg.num_workers), thread_name_prefix="dali-finish")
                       if self.finish_on_host else None)
+        self._batches: List[np.ndarray] = []  # see _free_batch
 
     def pipeline_inputs(self, enc: List[np.ndarray], win: np.ndarray, flips: np.ndarray):
         """Per-sample inputs of the external source, in the order build_pipeline expects."""
@@ -175,16 +180,33 @@ class DaliLoader(LoaderBase):
         fallback loader's own code) over num_workers threads into one batch array.
         DALI's CPU resize + crop_mirror_normalize cost ~1.0 ms per 224 px image here,
         OpenCV's ~0.25 (`bench/loader.py --stages`), and running it outside the pipeline
-        lets it overlap with DALI decoding the next batches."""
+        lets it overlap with DALI decoding the next batches. Each thread takes every
+        num_workers-th image: one task per thread rather than per image."""
         c, size = self.cfg, self.image_size
-        batch = np.empty((len(crops), *image_shape(c.output_layout, size, size)),
-                         dtype=c.output_dtype)
+        batch = self._free_batch((len(crops), *image_shape(c.output_layout, size, size)))
+        threads = max(1, c.num_workers)
 
-        def one(k: int) -> None:
-            resize_flip_normalize(np.asarray(crops[k]), size, bool(flips[k]),
-                                  c.output_layout, c.output_dtype, out=batch[k])
-        list(self._pool.map(one, range(len(crops))))
+        def part(first: int) -> None:
+            for k in range(first, len(crops), threads):
+                resize_flip_normalize(np.asarray(crops[k]), size, bool(flips[k]),
+                                      c.output_layout, c.output_dtype, out=batch[k])
+        list(self._pool.map(part, range(threads)))
         return batch
+
+    def _free_batch(self, shape: tuple) -> np.ndarray:
+        """A batch array nobody else holds, from the few the loader keeps: filling an
+        array already mapped costs less than faulting in ~20 MB of fresh pages a step.
+        An array is taken only when its references are the list's and this function's
+        (the loop variable and getrefcount's argument): a paddle tensor made from it by
+        DLPack holds one more until it is freed, so a batch in use is never overwritten.
+        A trainer that keeps more than KEPT_BATCHES gets fresh arrays."""
+        for arr in self._batches:
+            if arr.shape == shape and sys.getrefcount(arr) == 3:
+                return arr
+        arr = np.empty(shape, dtype=self.cfg.output_dtype)
+        if len(self._batches) < KEPT_BATCHES:
+            self._batches.append(arr)
+        return arr
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Yield (images, labels int64, valid float32) for steps start_step.. of `epoch`."""
