@@ -121,8 +121,10 @@ def test_gpu_train_graph_run_on_the_cpu_matches_the_host_finish(odd_set, layout,
 def test_dali_host_finish_reuses_batches_but_never_one_still_held(odd_set):
     """On a CPU, DaliLoader.finish fills batch arrays it keeps (fresh 20 MB a step cost
     page faults): a trainer that drops each batch gets at most 2 buffers back and forth;
-    batches it still holds (DLPack keeps a reference) are never written over."""
-    loader = build_loader(cfg_for(odd_set, "dali", batch_size=4), "train", DistContext(), seed=1)
+    batches it still holds (DLPack keeps a reference) are never written over. Split over
+    3 threads (the caller's and 2 helpers), the batches are the single thread's."""
+    cfg = cfg_for(odd_set, "dali", batch_size=4, num_workers=3)
+    loader = build_loader(cfg, "train", DistContext(), seed=1)
     assert loader.finish_on_host
     ptrs = {images.data_ptr() for images, _, _ in loader.epoch(0)}
     assert len(ptrs) <= 2 < loader.steps_per_epoch
@@ -134,6 +136,9 @@ def test_dali_host_finish_reuses_batches_but_never_one_still_held(odd_set):
     for images, copy in held:
         assert np.array_equal(images.numpy(), copy)
     assert len({images.data_ptr() for images, _ in held}) == 5
+    one_thread = build_loader(cfg_for(odd_set, "dali", batch_size=4), "train", DistContext(), 1)
+    for (a, _, _), (b, _, _) in zip(collect(loader, 2), collect(one_thread, 2)):
+        assert np.array_equal(a, b)
 
 
 def _solid_png(root, colour, size=(40, 30)):

@@ -121,8 +121,9 @@ class DaliLoader(LoaderBase):
         self.decode_device = "mixed" if self.ctx.use_gpu else "cpu"  # DistContext decides
         # On a CPU, train batches are finished on the host (see finish).
         self.finish_on_host = self.is_train and self.decode_device == "cpu"
-        self._pool = (ThreadPoolExecutor(max(1, self.cfg.num_workers), thread_name_prefix="dali-finish")
-                      if self.finish_on_host else None)
+        # finish runs on num_workers threads: the caller's and these
+        helpers = max(0, self.cfg.num_workers - 1) if self.finish_on_host else 0
+        self._pool = ThreadPoolExecutor(helpers, "dali-finish") if helpers else None
         self._batches: List[np.ndarray] = []  # see _free_batch
 
     def pipeline_inputs(self, enc: List[np.ndarray], win: np.ndarray, flips: np.ndarray):
@@ -180,8 +181,9 @@ class DaliLoader(LoaderBase):
         fallback loader's own code) over num_workers threads into one batch array.
         DALI's CPU resize + crop_mirror_normalize cost ~1.0 ms per 224 px image here,
         OpenCV's ~0.25 (`bench/loader.py --stages`), and running it outside the pipeline
-        lets it overlap with DALI decoding the next batches. Each thread takes every
-        num_workers-th image: one task per thread rather than per image."""
+        lets it overlap with DALI decoding the next batches. Each of num_workers threads,
+        the calling one included, takes every num_workers-th image: one task per thread
+        rather than per image, and the caller works instead of waiting."""
         c, size = self.cfg, self.image_size
         batch = self._free_batch((len(crops), *image_shape(c.output_layout, size, size)))
         threads = max(1, c.num_workers)
@@ -190,7 +192,12 @@ class DaliLoader(LoaderBase):
             for k in range(first, len(crops), threads):
                 resize_flip_normalize(np.asarray(crops[k]), size, bool(flips[k]),
                                       c.output_layout, c.output_dtype, out=batch[k])
-        list(self._pool.map(part, range(threads)))
+        helpers = [self._pool.submit(part, first) for first in range(1, threads)]
+        try:
+            part(0)
+        finally:  # never hand out (or refill) a batch a helper is still writing
+            for done in helpers:
+                done.result()
         return batch
 
     def _free_batch(self, shape: tuple) -> np.ndarray:
