@@ -47,6 +47,20 @@ def _read_bytes(path: str):
     return data if data.size else "empty mid-run (0 bytes)"
 
 
+def _refs_of_a_listed_array() -> int:
+    """sys.getrefcount of an array that only a list holds, read in a loop over the list
+    as DaliLoader._free_batch does: 3 on CPython 3.11 (the list, the loop variable,
+    getrefcount's argument). Measured rather than assumed: interpreters differ in
+    which of these references they count."""
+    listed = [np.empty(1)]
+    for arr in listed:
+        count = sys.getrefcount(arr)
+    return count
+
+
+UNHELD_REFS = _refs_of_a_listed_array()
+
+
 def _is_data_error(err: Exception) -> bool:
     """An error raised while an operator (the decoder) ran, as opposed to one in feeding."""
     text = str(err)
@@ -203,12 +217,12 @@ class DaliLoader(LoaderBase):
     def _free_batch(self, shape: tuple) -> np.ndarray:
         """A batch array nobody else holds, from the few the loader keeps: filling an
         array already mapped costs less than faulting in ~20 MB of fresh pages a step.
-        An array is taken only when its references are the list's and this function's
-        (the loop variable and getrefcount's argument): a paddle tensor made from it by
-        DLPack holds one more until it is freed, so a batch in use is never overwritten.
-        A trainer that keeps more than KEPT_BATCHES gets fresh arrays."""
+        An array is taken only when nothing but the list holds it (UNHELD_REFS): a paddle
+        tensor made from it by DLPack holds a reference until it is freed, so a batch in
+        use is never overwritten. A trainer that keeps more than KEPT_BATCHES gets fresh
+        arrays."""
         for arr in self._batches:
-            if arr.shape == shape and sys.getrefcount(arr) == 3:
+            if arr.shape == shape and sys.getrefcount(arr) == UNHELD_REFS:
                 return arr
         arr = np.empty(shape, dtype=self.cfg.output_dtype)
         if len(self._batches) < KEPT_BATCHES:
