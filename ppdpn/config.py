@@ -120,7 +120,8 @@ class DataConfig:
     val_list: str = _f("val_list.txt")
     batch_size: int = _f(64, min=1, doc="per device")
     eval_batch_size: int = _f(0, min=0, doc="per device; 0: same as batch_size")
-    num_workers: int = _f(4, min=0, doc="DALI threads / DataLoader workers")
+    num_workers: int = _f(4, min=0, doc="DALI threads (on a CPU also those finishing train "
+                                        "batches) / DataLoader workers")
     image_size: int = _f(224, min=8)
     resize_short: int = _f(256, min=8)
     scale: List[float] = _f([0.08, 1.0])
