@@ -129,6 +129,16 @@ def bare_pipe_images(loader, epoch: int):
     feeder.close()
 
 
+def round_order(names, r: int) -> list:
+    """Round r's order: the rotations of `names`, then those of its reverse. Interleaved,
+    load changes hit all loaders; over 2 x len(names) rounds each starts each position
+    equally often and follows each other loader equally often (the fallback's exit,
+    its worker processes' memory returned to the system, slows whatever runs next)."""
+    seq = names if (r // len(names)) % 2 == 0 else names[::-1]
+    k = r % len(names)
+    return seq[k:] + seq[:k]
+
+
 STAGES = ("roi_decode", "full_decode", "roi_decode+dali_resize+dali_normalize",
           "roi_decode+opencv_finish")
 
@@ -225,8 +235,7 @@ def main(argv=None) -> int:
         rates, startup, cpu_ms = ({k: [] for k in runs} for _ in range(3))
         names = list(runs)
         for r in range(a.rounds):
-            # interleaved, so load changes hit all three; each round starts with another
-            for name in names[r % 3:] + names[:r % 3]:
+            for name in round_order(names, r):
                 rate, up, cpu = _rate(runs[name](r))
                 rates[name].append(rate)
                 startup[name].append(up)
