@@ -124,10 +124,10 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: Tra
         t_compute += (tick := time.perf_counter()) - t0
         last = state.step_in_epoch == loader.steps_per_epoch
         done = "max_steps" if max_steps and state.global_step >= max_steps else None
-        stop = False
-        if window.count == print_interval or last or done or (alone and stop_requested()):
+        stop, asked = False, stop_requested()  # read once: the flag can rise any time
+        if window.count == print_interval or last or done or (alone and asked):
             stop = _flush_window(window, amp, state, max_skipped, log_progress, t_data,
-                                 t_compute, stop_requested())
+                                 t_compute, asked)
             window, t_data, t_compute = StepWindow(), 0.0, 0.0
         on_step(state)
         if done:
