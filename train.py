@@ -77,11 +77,13 @@ def main(argv=None) -> int:
         return 0
 
     train_loader = build_loader(cfg.DataLoader, "train", ctx, cfg.Global.seed, cfg.Arch.class_num)
-    global_batch = cfg.DataLoader.batch_size * ctx.world_size
-    schedule = build_schedule(cfg.Optimizer.lr, cfg.Global.epochs, train_loader.steps_per_epoch, global_batch)
+    # Steps are optimizer steps: Global.accum_steps batches each.
+    steps_per_epoch = session.optimizer_steps(train_loader.steps_per_epoch, cfg.Global.accum_steps)
+    global_batch = session.global_batch(cfg)
+    schedule = build_schedule(cfg.Optimizer.lr, cfg.Global.epochs, steps_per_epoch, global_batch)
     derived = {"world_size": ctx.world_size, "global_batch": global_batch,
                "lr_scale": lr_scale(cfg.Optimizer.lr, global_batch), "base_lr": schedule.base_lr,
-               "steps_per_epoch": train_loader.steps_per_epoch, "train_images": train_loader.num_samples}
+               "steps_per_epoch": steps_per_epoch, "train_images": train_loader.num_samples}
     log.info("[run] derived: " + json.dumps(derived))
 
     multi_precision = amp.enabled
@@ -90,12 +92,11 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(model, cfg.Optimizer, lr_sched, multi_precision)
     if amp.enabled and amp.level == "O2":  # fp16/bf16 weights with fp32 master copies
         model, optimizer = paddle.amp.decorate(model, optimizer, level="O2", dtype=amp.dtype)
-    resumed = session.resume(cfg, model, optimizer, amp, state, train_loader.steps_per_epoch,
-                             log=log.info)
+    resumed = session.resume(cfg, model, optimizer, amp, state, steps_per_epoch, log=log.info)
     lr_sched.last_epoch = state.global_step - 1
     lr_sched.step()  # recompute the LR for the resumed step
     log.info(f"[run] starting at global step {state.global_step} of "
-             f"{cfg.Global.epochs * train_loader.steps_per_epoch}, LR {lr_sched.get_lr():.8g}")
+             f"{cfg.Global.epochs * steps_per_epoch}, LR {lr_sched.get_lr():.8g}")
     if ctx.is_main:
         save_resolved(cfg, cfg.Global.output_dir, {**derived, "resumed_from": resumed})
         log.text("config", json.dumps(cfg.to_dict(), indent=1))
@@ -111,8 +112,9 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
     """Epochs of train / eval / checkpoint until done, stopped or failed."""
     from ppdpn.data import mix_batch
     g = cfg.Global
-    saver = session.Saver(cfg, model, optimizer, amp, log, train_loader.steps_per_epoch)
-    clock = session.Progress(cfg, train_loader, lr_sched, state, log)
+    steps_per_epoch = session.optimizer_steps(train_loader.steps_per_epoch, g.accum_steps)
+    saver = session.Saver(cfg, model, optimizer, amp, log, steps_per_epoch)
+    clock = session.Progress(cfg, steps_per_epoch, lr_sched, state, log)
     if state.global_step == 0:
         session.log_sample_images(train_loader, log, cfg)
     metrics = None
@@ -125,7 +127,8 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
                 label_smoothing=cfg.Loss.label_smoothing, mixup_alpha=cfg.DataLoader.mixup_alpha,
                 cutmix_alpha=cfg.DataLoader.cutmix_alpha, print_interval=g.print_interval,
                 max_skipped=g.max_skipped_steps, stop_requested=lambda: stopper.flag,
-                on_step=saver.maybe_save_steps, log_progress=clock.report, max_steps=g.max_steps)
+                on_step=saver.maybe_save_steps, log_progress=clock.report, max_steps=g.max_steps,
+                accum_steps=g.accum_steps)
             if outcome == "stopped":
                 return checkpoint_for_requeue(stopper, saver, state, log)
             if outcome == "epoch_end":

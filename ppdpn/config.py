@@ -60,6 +60,8 @@ class GlobalConfig:
     deterministic: bool = _f(False, doc="deterministic kernels (CPU runs are bit-exact)")
     device: str = _f("auto", choices=["auto", "gpu", "cpu"])
     max_steps: int = _f(0, min=0, doc="stop after this many global steps (0: no limit)")
+    accum_steps: int = _f(1, min=1, doc="batches whose gradients make one optimizer step: "
+                          "global batch = DataLoader.batch_size x processes x accum_steps")
     nan_policy: str = _f("stop", choices=["stop"], doc="non-finite fp32 loss stops the run")
     max_skipped_steps: int = _f(20, min=1, doc="AMP overflow skips in a row before stopping")
     on_save_error: str = _f("stop", choices=["stop", "continue"])

@@ -6,6 +6,7 @@ This module imports nothing of the project.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,6 +143,15 @@ def wrap_model(model):
         return model
     from paddle.distributed import fleet
     return fleet.distributed_model(model)
+
+
+def gradient_sync(model, sync: bool):
+    """Context for one batch's forward and backward: with sync False the gradients only
+    accumulate locally (DataParallel.no_sync), so a step of Global.accum_steps batches
+    all-reduces once, in its last backward."""
+    if sync or _CTX.world_size == 1:
+        return nullcontext()
+    return model.no_sync()
 
 
 def wrap_optimizer(optimizer):

@@ -85,9 +85,15 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: Tra
                     num_classes: int, mix: Callable, seed: int, label_smoothing: float,
                     mixup_alpha: float, cutmix_alpha: float, print_interval: int,
                     max_skipped: int, stop_requested: Callable[[], bool], on_step: Callable,
-                    log_progress: Callable, max_steps: int = 0) -> str:
+                    log_progress: Callable, max_steps: int = 0, accum_steps: int = 1) -> str:
     """Train until the epoch ends ('epoch_end'), a stop is agreed ('stopped') or
     max_steps is reached ('max_steps').
+
+    A step is `accum_steps` batches of the loader (gradient accumulation): each batch's
+    loss weighs 1/n, n being the batches of its step (the epoch's last step may have
+    fewer), and only the step's last backward all-reduces. TrainState, the LR schedule,
+    checkpoints, print_interval and max_steps count steps; the loader resumes at batch
+    state.step_in_epoch * accum_steps.
 
     `stop_requested` is this rank's own flag (a signal arrived). All ranks must stop at
     the same step, so the flags are combined at a host sync: every step with one rank
@@ -95,34 +101,42 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: Tra
     collective would make the host wait for the device every step."""
     model.train()
     alone = dist.context().world_size == 1
+    batches = loader.steps_per_epoch
+    steps = -(-batches // accum_steps)
     window, t_data, t_compute = StepWindow(), 0.0, 0.0
+    step_loss, step_finite, in_step = None, None, 0
     tick = time.perf_counter()
-    for images, labels, valid in loader.epoch(state.epoch, start_step=state.step_in_epoch):
+    first = state.step_in_epoch * accum_steps
+    for batch, (images, labels, valid) in enumerate(loader.epoch(state.epoch, start_step=first), first):
         t0 = time.perf_counter()
         t_data += t0 - tick
-        # Augmentation randomness depends only on (seed, epoch, step): exact on resume.
-        rng = np.random.default_rng([seed, state.epoch, state.step_in_epoch])
+        n = min(accum_steps, batches - state.step_in_epoch * accum_steps)  # batches in this step
+        in_step += 1
+        # Augmentation randomness depends only on (seed, epoch, batch): exact on resume.
+        rng = np.random.default_rng([seed, state.epoch, batch])
         images, targets = mix(images, labels, num_classes, mixup_alpha, cutmix_alpha,
                               label_smoothing, rng)
-        with amp.autocast(training=True):
-            logits = model(images)
-        loss = soft_cross_entropy(logits, targets, valid)
-        if amp.scaler is not None:
-            amp.scaler.scale(loss).backward()
-            amp.scaler.step(optimizer)  # skips the update on inf/nan grads
-            finite = paddle.logical_not(amp.scaler._found_inf)
-            amp.scaler.update()
-        else:
-            finite = paddle.isfinite(loss)
-            loss.backward()
-            optimizer.step()
-        optimizer.clear_grad()
+        with dist.gradient_sync(model, sync=in_step == n):
+            with amp.autocast(training=True):
+                logits = model(images)
+            loss = soft_cross_entropy(logits, targets, valid)
+            part = loss / n if n > 1 else loss
+            (amp.scaler.scale(part) if amp.scaler is not None else part).backward()
+        step_loss = part.detach() if step_loss is None else step_loss + part.detach()
+        if amp.scaler is None:
+            ok = paddle.isfinite(loss)
+            step_finite = ok if step_finite is None else paddle.logical_and(step_finite, ok)
+        if in_step < n:
+            t_compute += (tick := time.perf_counter()) - t0
+            continue
+        step_finite = _update(optimizer, amp, step_finite)
         lr_scheduler.step()
-        window.add(loss, finite)
+        window.add(step_loss, step_finite)
+        step_loss, step_finite, in_step = None, None, 0
         state.step_in_epoch += 1
         state.global_step += 1
         t_compute += (tick := time.perf_counter()) - t0
-        last = state.step_in_epoch == loader.steps_per_epoch
+        last = state.step_in_epoch == steps
         done = "max_steps" if max_steps and state.global_step >= max_steps else None
         stop, asked = False, stop_requested()  # read once: the flag can rise any time
         if window.count == print_interval or last or done or (alone and asked):
@@ -135,6 +149,19 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: Tra
         if stop:
             return "stopped"
     return "epoch_end"
+
+
+def _update(optimizer, amp: Amp, finite):
+    """The optimizer step on the accumulated gradients, which it then clears; returns
+    whether the step was finite (under the fp16 scaler: taken rather than skipped)."""
+    if amp.scaler is not None:
+        amp.scaler.step(optimizer)  # skips the update on inf/nan grads
+        finite = paddle.logical_not(amp.scaler._found_inf)
+        amp.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.clear_grad()
+    return finite
 
 
 def _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compute,

@@ -44,6 +44,17 @@ def _set_rng_states(states: dict) -> None:
     random.setstate((states["python_version"], tuple(states["python"]), None))
 
 
+def global_batch(cfg) -> int:
+    """Samples per optimizer step over all ranks: what the LR is scaled by and the
+    unit of the steps in TrainState."""
+    return cfg.DataLoader.batch_size * dist.context().world_size * cfg.Global.accum_steps
+
+
+def optimizer_steps(loader_steps: int, accum_steps: int) -> int:
+    """Optimizer steps in an epoch of `loader_steps` batches; the last may take fewer."""
+    return -(-loader_steps // accum_steps)
+
+
 def build_state_dict(cfg, model, optimizer, amp, state, steps_per_epoch: int) -> dict:
     m = dist.unwrap(model)
     world = dist.context().world_size
@@ -57,7 +68,7 @@ def build_state_dict(cfg, model, optimizer, amp, state, steps_per_epoch: int) ->
         "world_size": world,
         # The position in the epoch is in steps of this batch (resume on another
         # world size converts it, see reposition()).
-        "global_batch": cfg.DataLoader.batch_size * world, "steps_per_epoch": steps_per_epoch,
+        "global_batch": global_batch(cfg), "steps_per_epoch": steps_per_epoch,
         "arch": cfg.Arch.name,
     }
 
@@ -118,7 +129,7 @@ def resume(cfg, model, optimizer, amp, state, steps_per_epoch: int, log=print):
 def _convert_position(ckpt, state, cfg, steps_per_epoch, was, log) -> None:
     """Another global batch: the same samples done -> the step numbers of this run."""
     world = dist.context().world_size
-    new_batch = cfg.DataLoader.batch_size * world
+    new_batch = global_batch(cfg)
     # Checkpoints from before "global_batch" was recorded: rebuild it from their config.
     old_batch = ckpt.get("global_batch") or ckpt["config"]["DataLoader"]["batch_size"] * was
     old_steps = ckpt.get("steps_per_epoch")
@@ -266,8 +277,8 @@ class StopSignal:
 class Progress:
     """Turns the engine's per-window sums into progress lines and per-epoch records."""
 
-    def __init__(self, cfg, loader, lr_sched, state, log):
-        self.cfg, self.loader, self.lr_sched, self.log = cfg, loader, lr_sched, log
+    def __init__(self, cfg, steps_per_epoch: int, lr_sched, state, log):
+        self.cfg, self.steps_per_epoch, self.lr_sched, self.log = cfg, steps_per_epoch, lr_sched, log
         self.start_step = state.global_step
         self.t_start = self.t_window = self.t_epoch = time.perf_counter()
         self.epoch_losses = []
@@ -279,14 +290,13 @@ class Progress:
                           f"step {state.global_step}")
             return
         now = time.perf_counter()
-        world = dist.context().world_size
-        img_s = count * self.cfg.DataLoader.batch_size * world / max(now - self.t_window, 1e-9)
+        img_s = count * global_batch(self.cfg) / max(now - self.t_window, 1e-9)
         busy = values["data_s"] + values["compute_s"]
         self.t_window = now
         self.epoch_losses.append((values["loss"], count))
         self.log.progress(epoch=state.epoch, epochs=self.cfg.Global.epochs, step=state.step_in_epoch,
-                          steps=self.loader.steps_per_epoch, global_step=state.global_step,
-                          total_steps=self.cfg.Global.epochs * self.loader.steps_per_epoch,
+                          steps=self.steps_per_epoch, global_step=state.global_step,
+                          total_steps=self.cfg.Global.epochs * self.steps_per_epoch,
                           loss=values["loss"], lr=self.lr_sched.get_lr(), img_s=img_s,
                           data_frac=values["data_s"] / max(busy, 1e-9),
                           loss_scale=values["loss_scale"], elapsed=now - self.t_start,

@@ -170,3 +170,82 @@ def test_sigusr1_to_one_rank_checkpoints_and_requeues(tiny_data, tmp_path):
     resumed = run_train(args, nproc=2, log_dir=out / "launch2")
     assert f"global step {saved['global_step']}" in resumed.stdout
     assert _final(out)["global_step"] == 40 * 4
+
+
+def _train_epoch_with(tiny_data, tmp_path, batch_size, accum_steps):
+    """One epoch of the engine on a model without BN (BN's batch statistics would
+    differ between one batch of 8 and two of 4); the trained weights."""
+    from functools import partial
+
+    import paddle
+
+    from ppdpn.config import load_config
+    from ppdpn.data import build_loader, mix_batch
+    from ppdpn.dist import DistContext
+    from ppdpn.engine import TrainState, build_amp, train_one_epoch
+    from ppdpn.optim import ScheduleLR, build_optimizer, build_schedule
+    from ppdpn.session import optimizer_steps
+
+    cfg = load_config(ROOT / "configs/demo.yaml", tiny_overrides(tiny_data, tmp_path, **{
+        "DataLoader.batch_size": batch_size, "Global.accum_steps": accum_steps,
+        "DataLoader.mixup_alpha": 0.0, "DataLoader.cutmix_alpha": 0.0,
+        "Optimizer.lr.warmup_epoch": 1}))
+    loader = build_loader(cfg.DataLoader, "train", DistContext(), cfg.Global.seed, 4)
+    steps = optimizer_steps(loader.steps_per_epoch, accum_steps)
+    lr = ScheduleLR(build_schedule(cfg.Optimizer.lr, 1, steps, batch_size * accum_steps))
+    paddle.seed(7)
+    model = paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3, stride=2), paddle.nn.ReLU(),
+                                 paddle.nn.AdaptiveAvgPool2D(1), paddle.nn.Flatten(),
+                                 paddle.nn.Linear(8, 4))
+    optimizer = build_optimizer(model, cfg.Optimizer, lr, False)
+    state, lrs = TrainState(), []
+    outcome = train_one_epoch(
+        model, loader, optimizer, lr, build_amp(cfg.AMP, False), state, num_classes=4,
+        mix=partial(mix_batch, data_format="NCHW"), seed=0,
+        label_smoothing=cfg.Loss.label_smoothing, mixup_alpha=0.0, cutmix_alpha=0.0,
+        print_interval=100, max_skipped=1, stop_requested=lambda: False,
+        on_step=lambda s: lrs.append(lr.get_lr()), log_progress=lambda *a: None,
+        accum_steps=accum_steps)
+    assert outcome == "epoch_end"
+    return state, lrs, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def test_accumulating_two_batches_of_4_trains_like_one_batch_of_8(tiny_data, tmp_path):
+    """Global.accum_steps: 64 images in 8 steps of 8, or in 8 steps of 2 x 4 batches,
+    give the same weights (SGD, momentum, weight decay, warmup) and the same LR per step."""
+    big = _train_epoch_with(tiny_data, tmp_path / "a", 8, 1)
+    acc = _train_epoch_with(tiny_data, tmp_path / "b", 4, 2)
+    assert (big[0].global_step, acc[0].global_step, acc[0].step_in_epoch) == (8, 8, 8)
+    assert big[1] == acc[1] and len(set(acc[1])) == 8
+    for k, v in big[2].items():
+        np.testing.assert_allclose(acc[2][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    # Four batches of 4 per step is another recipe: the weights move differently.
+    other = _train_epoch_with(tiny_data, tmp_path / "c", 4, 4)
+    assert other[0].global_step == 4
+    assert not np.allclose(other[2]["4.weight"], big[2]["4.weight"], rtol=1e-3)
+
+
+def test_accumulation_resumes_bit_identical_and_two_ranks_agree(tiny_data, tmp_path):
+    """Global.accum_steps=3 over 8 batches an epoch: steps of 3, 3 and 2 batches. A run
+    stopped after step 4 (mid-epoch 2) and resumed ends with the weights of one never
+    stopped. Two processes (gloo) accumulating 2 batches a step keep identical weights."""
+    extra = {"Global.accum_steps": 3, "Global.print_interval": 1}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    proc = run_train(["-c", "configs/demo.yaml", "-o"] + tiny_overrides(tiny_data, straight, **extra))
+    assert '"global_batch": 24' in proc.stdout and '"steps_per_epoch": 3' in proc.stdout
+    run_train(["-c", "configs/demo.yaml", "-o"] + tiny_overrides(
+        tiny_data, split, **extra, **{"Global.max_steps": 4}))
+    assert (_final(split)["global_step"], _final(split)["step_in_epoch"]) == (4, 1)
+    run_train(["-c", "configs/demo.yaml", "-o"] + tiny_overrides(tiny_data, split, **extra))
+    a, b = _final(straight), _final(split)
+    assert a["global_step"] == b["global_step"] == 6
+    for k, v in a["model"].items():
+        np.testing.assert_array_equal(v, b["model"][k], err_msg=k)
+
+    two = tmp_path / "two"
+    run_train(["-c", "configs/demo.yaml", "-o"] + tiny_overrides(
+        tiny_data, two, **{"Global.accum_steps": 2, "DataLoader.batch_size": 4}),
+        nproc=2, log_dir=two / "launch")
+    log = (two / "train.log").read_text()
+    assert "weights identical on all 2 ranks: True" in log and '"global_batch": 16' in log
+    assert _final(two)["global_step"] == 8  # 64 images / (4 x 2 ranks x 2) x 2 epochs
