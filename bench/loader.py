@@ -115,7 +115,7 @@ def epoch_images(loader, epoch: int):
         yield images.shape[0]
 
 
-def bare_pipe_images(loader, epoch: int):
+def bare_pipe_batches(loader, epoch: int):
     """The same pipeline and feeder, no DLPack, no paddle (CPU: finished to numpy)."""
     idx, _ = loader.plan.batches(epoch)
     feeder = _Feeder(loader, epoch, idx, 0)
@@ -125,8 +125,14 @@ def bare_pipe_images(loader, epoch: int):
         if loader.finish_on_host:
             out = loader.finish(out, feeder.flips[step])
         feeder.release(step)
-        yield len(out)
+        yield out
     feeder.close()
+
+
+def bare_pipe_images(loader, epoch: int):
+    """Like epoch_images, the consumer holds each batch until the next one arrives."""
+    for out in bare_pipe_batches(loader, epoch):
+        yield len(out)
 
 
 def round_order(names, r: int) -> list:
