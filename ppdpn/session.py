@@ -76,13 +76,14 @@ def build_state_dict(cfg, model, optimizer, amp, state, steps_per_epoch: int) ->
 def reposition(step_in_epoch: int, old_batch: int, old_steps: Optional[int],
                new_batch: int, new_steps: int) -> int:
     """The step of the interrupted epoch to resume at when the global batch changed
-    (other world size or DataLoader.batch_size): by samples, rounded down, so at most
-    one global batch is trained again. A finished epoch stays finished.
+    (other world size, DataLoader.batch_size or Global.accum_steps): by samples, rounded
+    down, so at most one global batch is trained again. A finished epoch stays finished.
 
     What the rest of that epoch reads: the epoch's permutation `order` depends only on
     (seed, epoch) (ppdpn/data/plan.py), and ShardPlan gives rank r of W the contiguous
-    block order[r*P:(r+1)*P], P = ceil(N / W), read b (per-rank batch) at a time. After
-    k steps on W ranks the epoch has read the union over r of order[r*P : r*P + k*b].
+    block order[r*P:(r+1)*P], P = ceil(N / W), read b at a time (b: samples per rank and
+    step, batch_size x accum_steps). After k steps on W ranks the epoch has read the
+    union over r of order[r*P : r*P + k*b].
     The resumed run (W', b', P') starts at k' = k*W*b // (W'*b') and reads the union
     over r' of order[r'*P' + k'*b' : (r'+1)*P']. So the epoch still trains on about N
     samples (k*W*b - k'*W'*b' < W'*b' of them twice), but unless the blocks line up some
