@@ -20,7 +20,8 @@ from ppdpn import dist
 from ppdpn.checkpoint import CheckpointError
 from ppdpn.config import ConfigError, load_config, save_resolved
 from ppdpn.data.lists import DataSetError
-from ppdpn.engine import NonFiniteLossError, TrainState, build_amp, evaluate, train_one_epoch
+from ppdpn.engine import (NonFiniteLossError, TrainState, build_amp, evaluate, optimizer_steps,
+                          train_one_epoch)
 from ppdpn.logging import RunLogger
 from ppdpn.models import create_model
 from ppdpn.models.weights import UnsafePickleError, WeightsError
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
 
     train_loader = build_loader(cfg.DataLoader, "train", ctx, cfg.Global.seed, cfg.Arch.class_num)
     # Steps are optimizer steps: Global.accum_steps batches each.
-    steps_per_epoch = session.optimizer_steps(train_loader.steps_per_epoch, cfg.Global.accum_steps)
+    steps_per_epoch = optimizer_steps(train_loader.steps_per_epoch, cfg.Global.accum_steps)
     global_batch = session.global_batch(cfg)
     schedule = build_schedule(cfg.Optimizer.lr, cfg.Global.epochs, steps_per_epoch, global_batch)
     derived = {"world_size": ctx.world_size, "global_batch": global_batch,
@@ -112,7 +113,7 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
     """Epochs of train / eval / checkpoint until done, stopped or failed."""
     from ppdpn.data import mix_batch
     g = cfg.Global
-    steps_per_epoch = session.optimizer_steps(train_loader.steps_per_epoch, g.accum_steps)
+    steps_per_epoch = optimizer_steps(train_loader.steps_per_epoch, g.accum_steps)
     saver = session.Saver(cfg, model, optimizer, amp, log, steps_per_epoch)
     clock = session.Progress(cfg, steps_per_epoch, lr_sched, state, log)
     if state.global_step == 0:

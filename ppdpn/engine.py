@@ -81,6 +81,11 @@ class StepWindow:
         self.bad.append(paddle.logical_not(finite).astype("float32").reshape([]))
 
 
+def optimizer_steps(loader_steps: int, accum_steps: int) -> int:
+    """Optimizer steps in an epoch of `loader_steps` batches; the last may take fewer."""
+    return -(-loader_steps // accum_steps)
+
+
 def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: TrainState, *,
                     num_classes: int, mix: Callable, seed: int, label_smoothing: float,
                     mixup_alpha: float, cutmix_alpha: float, print_interval: int,
@@ -102,7 +107,7 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: Tra
     model.train()
     alone = dist.context().world_size == 1
     batches = loader.steps_per_epoch
-    steps = -(-batches // accum_steps)
+    steps = optimizer_steps(batches, accum_steps)
     window, t_data, t_compute = StepWindow(), 0.0, 0.0
     step_loss, step_finite, in_step = None, None, 0
     tick = time.perf_counter()

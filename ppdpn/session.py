@@ -50,11 +50,6 @@ def global_batch(cfg) -> int:
     return cfg.DataLoader.batch_size * dist.context().world_size * cfg.Global.accum_steps
 
 
-def optimizer_steps(loader_steps: int, accum_steps: int) -> int:
-    """Optimizer steps in an epoch of `loader_steps` batches; the last may take fewer."""
-    return -(-loader_steps // accum_steps)
-
-
 def build_state_dict(cfg, model, optimizer, amp, state, steps_per_epoch: int) -> dict:
     m = dist.unwrap(model)
     world = dist.context().world_size

@@ -182,9 +182,8 @@ def _train_epoch_with(tiny_data, tmp_path, batch_size, accum_steps):
     from ppdpn.config import load_config
     from ppdpn.data import build_loader, mix_batch
     from ppdpn.dist import DistContext
-    from ppdpn.engine import TrainState, build_amp, train_one_epoch
+    from ppdpn.engine import TrainState, build_amp, optimizer_steps, train_one_epoch
     from ppdpn.optim import ScheduleLR, build_optimizer, build_schedule
-    from ppdpn.session import optimizer_steps
 
     cfg = load_config(ROOT / "configs/demo.yaml", tiny_overrides(tiny_data, tmp_path, **{
         "DataLoader.batch_size": batch_size, "Global.accum_steps": accum_steps,
