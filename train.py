@@ -105,15 +105,15 @@ def main(argv=None) -> int:
     model_dp, optimizer = dist.wrap_model(model), dist.wrap_optimizer(optimizer)
 
     return fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader,
-               val_loader, stopper, log)
+               steps_per_epoch, val_loader, stopper, log)
 
 
-def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader, val_loader,
-        stopper, log) -> int:
-    """Epochs of train / eval / checkpoint until done, stopped or failed."""
+def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader,
+        steps_per_epoch, val_loader, stopper, log) -> int:
+    """Epochs of train / eval / checkpoint until done, stopped or failed;
+    `steps_per_epoch` counts optimizer steps (Global.accum_steps batches each)."""
     from ppdpn.data import mix_batch
     g = cfg.Global
-    steps_per_epoch = optimizer_steps(train_loader.steps_per_epoch, g.accum_steps)
     saver = session.Saver(cfg, model, optimizer, amp, log, steps_per_epoch)
     clock = session.Progress(cfg, steps_per_epoch, lr_sched, state, log)
     if state.global_step == 0:
