@@ -309,6 +309,7 @@ def test_pickles_naming_disallowed_globals_are_refused(target, opcode, nested, t
 @FAST
 @given(data=st.binary(min_size=1, max_size=100))
 @example(data=b"c_codecs\nencode\n(X\x01\x00\x00\x00aX\x05\x00\x00\x00bogustR.")
+@example(data=b"\x8d\x00\x00\x00\x00\x00\x00\x00\x80")  # BINUNICODE8 length: OverflowError
 def test_safe_load_random_bytes_names_the_file(data, tmp_path):
     path = tmp_path / "weights.pdparams"
     path.write_bytes(data)

@@ -73,9 +73,10 @@ def safe_load(path) -> Any:
         raise
     except OSError as e:
         raise WeightsError(f"cannot read {path}: {e.strerror or e}") from e
-    except (pickle.UnpicklingError, EOFError, LookupError, ValueError, TypeError,
-            AttributeError, IndexError, MemoryError, RecursionError, UnicodeError) as e:
-        # Truncated or garbage bytes: pickle's own message never names the file.
+    except Exception as e:  # noqa: BLE001
+        # Truncated or garbage bytes fail in many ways (EOFError, UnpicklingError,
+        # OverflowError on a huge length field, numpy's errors on bad array records...),
+        # and pickle's own message never names the file.
         raise WeightsError(f"{path} is not a readable weights/checkpoint file "
                            f"({type(e).__name__}: {str(e)[:120]})") from e
 
