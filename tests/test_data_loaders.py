@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ppdpn.config import DataConfig
 from ppdpn.data import build_loader
@@ -218,6 +221,95 @@ def test_file_failing_mid_run_is_skipped_and_named(tmp_path, backend, caplog):
     text = caplog.text
     assert "004.jpg" in text and "009.jpg" in text
     assert text.count("004.jpg") == 1  # logged once, then substituted quietly
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_file_rewritten_with_another_size_mid_run_is_skipped_and_named(tmp_path, backend,
+                                                                        split, caplog):
+    """Crop windows come from the pre-flight's header sizes. A file replaced since then
+    by an image of another size is skipped and named, not cropped with a window meant
+    for another image. One case is a header claiming 5 x 60000 px: DALI's CPU resize
+    crashed the process (SIGSEGV) on the eval window then outside the image."""
+    root = write_images(tmp_path, 13)
+    ld = build_loader(cfg_for(root, backend), split, DistContext(), seed=0)
+    cv2.imwrite(str(root / "img" / "004.jpg"), np.full((90, 7, 3), 128, np.uint8))
+    data = bytearray((root / "img" / "009.jpg").read_bytes())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (5).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+    (root / "img" / "009.jpg").write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="ppdpn.data"):
+        for epoch in range(2):
+            batches = collect(ld, epoch)
+            assert len(batches) == ld.steps_per_epoch
+            seen = sorted(sum((lab[v == 1].tolist() for _, lab, v in batches), []))
+            assert seen == [i for i in range(13) if i not in (4, 9)]
+    for name, now in [("004.jpg", "7x90"), ("009.jpg", "60000x5")]:
+        lines = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+        assert len(lines) == 1 and f"changed since the pre-flight check: its header gives {now}" \
+            in lines[0], caplog.text
+
+
+def _damage(path, kind: str, where: float, amount: int) -> None:
+    """Damage an image file the way disks, copies and people do."""
+    data = bytearray(path.read_bytes())
+    at = 2 + int(where * (len(data) - 4))  # inside the file, past the magic
+    if kind == "remove":
+        os.remove(path)
+        return
+    if kind == "flip":  # a few bits, anywhere
+        for k in range(amount % 6 + 1):
+            data[(at + 97 * k) % (len(data) - 2) + 1] ^= 1 << (k % 8)
+    elif kind == "overwrite":  # a run of bytes
+        data[at:at + amount] = bytes((at * 31 + k) % 256 for k in range(amount))
+    elif kind == "truncate":
+        data = data[:at]
+    elif kind == "frame_size":  # the JPEG frame header gives another size
+        sof = data.find(b"\xff\xc0")
+        data[sof + 5:sof + 9] = struct.pack(">HH", amount % 7 + 1, 1 + amount * 977 % 65535)
+    elif kind == "other_image":
+        ext, black = ".png" if amount % 2 else ".jpg", np.zeros((amount % 50 + 1, 9, 3), np.uint8)
+        ok, enc = cv2.imencode(ext, black)
+        data = bytearray(enc.tobytes())
+    elif kind == "text":
+        data = bytearray(b"<html>404 Not Found</html>" * (amount % 5 + 1))
+    path.write_bytes(bytes(data))
+
+
+_DAMAGE = st.tuples(st.sampled_from(["remove", "flip", "overwrite", "truncate", "frame_size",
+                                     "other_image", "text"]),
+                    st.floats(0, 1), st.integers(1, 400))
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(backend=st.sampled_from(BACKENDS), split=st.sampled_from(["train", "val"]),
+       batch=st.sampled_from([1, 3, 4]),
+       damage=st.dictionaries(st.integers(0, 10), _DAMAGE, min_size=1, max_size=4))
+def test_files_damaged_after_the_check_never_stop_a_run(tmp_path_factory, backend, split,
+                                                        batch, damage):
+    """Whatever happens to files after the pre-flight check, every epoch has all its
+    steps, the intact files are all seen once, and every file not seen is named."""
+    root = write_images(tmp_path_factory.mktemp("damaged"), 11)
+    ld = build_loader(cfg_for(root, backend, batch_size=batch), split, DistContext(), seed=0)
+    for i, (kind, where, amount) in damage.items():
+        _damage(root / "img" / f"{i:03d}.jpg", kind, where, amount)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("ppdpn.data")
+    logger.addHandler(handler)
+    try:
+        for epoch in range(2):
+            batches = collect(ld, epoch)
+            assert len(batches) == ld.steps_per_epoch
+            assert all(np.isfinite(images).all() for images, _, _ in batches)
+            seen = sorted(sum((lab[v == 1].tolist() for _, lab, v in batches), []))
+            assert len(seen) == len(set(seen)) and set(range(11)) - set(damage) <= set(seen)
+            for i in set(range(11)) - set(seen):
+                assert any(f"{i:03d}.jpg" in m for m in messages), (i, damage[i], messages)
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_preflight_stops_with_every_bad_file_or_drops_them(tmp_path, caplog):

@@ -8,6 +8,7 @@ compute crop windows from them without decoding.
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 from concurrent.futures import ProcessPoolExecutor
@@ -69,6 +70,38 @@ def _jpeg_size(f, head: bytes) -> Tuple[int, int, int]:
         pos += 2 + length
 
 
+def _png_size(head) -> Tuple[int, int]:
+    if bytes(head[12:16]) != b"IHDR":
+        raise BadFile("corrupt PNG header (no IHDR)")
+    w, h = struct.unpack(">II", head[16:24])
+    if w == 0 or h == 0:
+        raise BadFile(f"PNG header gives size {w}x{h}")
+    return w, h
+
+
+def size_in_bytes(data) -> Tuple[int, int]:
+    """(width, height) from the header of a JPEG or PNG file already in memory (bytes or
+    a uint8 array), raising BadFile with the reason. The loaders compare it with the
+    pre-flight size of each file they feed: a file rewritten since then would get a crop
+    window computed for another image."""
+    head = memoryview(data).cast("B")
+    if bytes(head[:3]) == JPEG_MAGIC:
+        return _jpeg_size(io.BytesIO(head), head)[:2]
+    if bytes(head[:8]) == PNG_MAGIC and len(head) >= 24:
+        return _png_size(head)
+    raise BadFile(f"not a JPEG or PNG image (starts with {bytes(head[:8])!r})")
+
+
+def size_changed(now: Tuple[int, int], was) -> Optional[str]:
+    """Why a file whose image is `now` (w, h) but was `was` at the pre-flight must be
+    skipped, or None when the sizes agree."""
+    was = tuple(int(v) for v in was)
+    if tuple(now) == was:
+        return None
+    return (f"changed since the pre-flight check: its header gives {now[0]}x{now[1]}, "
+            f"the check read {was[0]}x{was[1]}")
+
+
 def _check_tail(f, size: int, needle: bytes, after: int, what: str) -> None:
     """The end marker must appear after `after` (an EXIF thumbnail carries its own)."""
     for span in (4096, TAIL_BYTES):  # most files end exactly with it: read little first
@@ -102,11 +135,7 @@ def image_header(path: str) -> Tuple[int, int]:
                 _check_tail(f, size, b"\xff\xd9", sof, "JPEG")
                 return w, h
             if head.startswith(PNG_MAGIC):
-                if head[12:16] != b"IHDR":
-                    raise BadFile("corrupt PNG header (no IHDR)")
-                w, h = struct.unpack(">II", head[16:24])
-                if w == 0 or h == 0:
-                    raise BadFile(f"PNG header gives size {w}x{h}")
+                w, h = _png_size(head)
                 _check_tail(f, size, b"IEND", 16, "PNG")
                 return w, h
     except OSError as e:

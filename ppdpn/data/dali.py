@@ -21,12 +21,13 @@ from __future__ import annotations
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ppdpn.data.base import (MEAN_255, STD_255, SUBSTITUTE_SIZE, LoaderBase, _substitute_jpeg,
                              image_shape, log, resize_flip_normalize)
+from ppdpn.data.check import BadFile, size_changed, size_in_bytes
 
 # Batches whose files are read ahead by threads while DALI decodes (np.fromfile
 # releases the GIL, so reading overlaps decoding even on 2 cores).
@@ -38,13 +39,22 @@ KEPT_BATCHES = 4
 MAX_FAILURES_PER_STEP = 3
 
 
-def _read_bytes(path: str):
-    """File bytes as uint8, or the reason it cannot be read."""
+def _read_bytes(path: str, size: Tuple[int, int]):
+    """File bytes as uint8, or the reason they cannot be fed: unreadable, or a header
+    that no longer gives the pre-flight `size` (w, h). A file rewritten since the
+    pre-flight would get a crop window meant for another image, and DALI's CPU resize
+    crashes the process (SIGSEGV) on an eval window outside the image."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         return f"unreadable mid-run ({e.strerror or e})"
-    return data if data.size else "empty mid-run (0 bytes)"
+    if not data.size:
+        return "empty mid-run (0 bytes)"
+    try:
+        now = size_in_bytes(data)
+    except BadFile as e:
+        return f"{e} (mid-run)"
+    return size_changed(now, size) or data
 
 
 def _refs_of_a_listed_array() -> int:
@@ -82,8 +92,9 @@ class _Feeder:
     def _prefetch(self, step: int) -> None:
         for s in range(step, min(step + READ_AHEAD, len(self.idx))):
             if s not in self._reads:
-                paths = [self.loader.samples.paths[i] for i in self.idx[s]]
-                self._reads[s] = self._pool.submit(lambda ps: [_read_bytes(p) for p in ps], paths)
+                files = [(self.loader.samples.paths[i], tuple(self.loader.sizes[i].tolist()))
+                         for i in self.idx[s]]
+                self._reads[s] = self._pool.submit(lambda fs: [_read_bytes(*f) for f in fs], files)
 
     def __call__(self):
         s = self.step

@@ -13,7 +13,7 @@ from typing import List, Tuple
 import numpy as np
 
 from ppdpn.data.base import LoaderBase, image_shape, normalize, resize_flip_normalize
-from ppdpn.data.check import BadFile, image_header
+from ppdpn.data.check import BadFile, image_header, size_changed
 from ppdpn.data.plan import eval_geometry
 
 # (sample index, x, y, w, h, flip): one sample's work, decided in the main process.
@@ -32,20 +32,24 @@ def _single_threaded_cv2() -> None:
 class _JobDataset:
     """Map-style data set indexed by jobs rather than by sample number."""
 
-    def __init__(self, paths: List[str], labels: np.ndarray, train: bool, size: int,
-                 resize_short: int, layout: str, dtype: str):
-        self.paths, self.labels, self.train, self.size = paths, labels, train, size
+    def __init__(self, paths: List[str], sizes: np.ndarray, labels: np.ndarray, train: bool,
+                 size: int, resize_short: int, layout: str, dtype: str):
+        self.paths, self.sizes, self.labels, self.train = paths, sizes, labels, train
+        self.size = size
         self.resize_short, self.layout, self.dtype = resize_short, layout, dtype
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _decode(self, path: str) -> np.ndarray:
+    def _decode(self, sample: int) -> np.ndarray:
         import cv2
-        img = cv2.imdecode(np.fromfile(path, dtype=np.uint8),
+        img = cv2.imdecode(np.fromfile(self.paths[sample], dtype=np.uint8),
                            cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if img is None:
             raise ValueError("OpenCV cannot decode it")
+        # A file rewritten since the pre-flight: its crop window was meant for another image
+        if size_changed((img.shape[1], img.shape[0]), self.sizes[sample]):
+            raise ValueError("size changed")
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
     def transform(self, img: np.ndarray, job: Job) -> np.ndarray:
@@ -63,7 +67,7 @@ class _JobDataset:
         """(image, ok): ok = 0 when the file failed. Never raised: a raising worker kills
         the whole DataLoader without naming the file (PLATFORM.md)."""
         try:
-            return self.transform(self._decode(self.paths[job[0]]), job), np.int32(1)
+            return self.transform(self._decode(job[0]), job), np.int32(1)
         except Exception:
             return (np.zeros(image_shape(self.layout, self.size, self.size), dtype=self.dtype),
                     np.int32(0))
@@ -81,9 +85,9 @@ class FallbackLoader(LoaderBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         c = self.cfg
-        self.dataset = _JobDataset(self.samples.paths, self.samples.labels, self.is_train,
-                                   self.image_size, c.resize_short, c.output_layout,
-                                   c.output_dtype)
+        self.dataset = _JobDataset(self.samples.paths, self.sizes, self.samples.labels,
+                                   self.is_train, self.image_size, c.resize_short,
+                                   c.output_layout, c.output_dtype)
 
     def jobs(self, epoch: int, idx: np.ndarray, start_step: int) -> List[List[Job]]:
         batches = []
@@ -116,7 +120,7 @@ class FallbackLoader(LoaderBase):
     def _diagnose(self, sample: int) -> str:
         """Why a file failed in a worker (workers can only say 'failed')."""
         try:
-            image_header(self.samples.paths[sample])
+            now = image_header(self.samples.paths[sample])
         except BadFile as e:
             return f"{e} (mid-run)"
-        return "decode failed (OpenCV cannot decode it)"
+        return size_changed(now, self.sizes[sample]) or "decode failed (OpenCV cannot decode it)"
