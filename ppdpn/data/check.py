@@ -8,12 +8,11 @@ compute crop windows from them without decoding.
 """
 from __future__ import annotations
 
-import io
 import os
 import struct
 from concurrent.futures import ProcessPoolExecutor
 import multiprocessing as mp
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,13 +35,13 @@ class BadFile(Exception):
     """A file that would fail in the loader; str() is the reason."""
 
 
-def _jpeg_size(f, head: bytes) -> Tuple[int, int, int]:
-    """(width, height, offset of the scan start) from the JPEG markers."""
+def _jpeg_size(head, more: Optional[Callable[[int], bytes]] = None) -> Tuple[int, int, int]:
+    """(width, height, offset of the scan start) from the JPEG markers in `head`, the
+    file's first bytes; more(n), when given, returns its first n bytes."""
     pos = 2
     while True:
         if pos + 4 > len(head):  # header longer than what we read: read more
-            f.seek(0)
-            head = f.read(len(head) * 4 + 4)
+            head = more(len(head) * 4 + 4) if more else head
             if pos + 4 > len(head):
                 raise BadFile("truncated JPEG header (no frame header before end of file)")
         if head[pos] != 0xFF:
@@ -58,9 +57,8 @@ def _jpeg_size(f, head: bytes) -> Tuple[int, int, int]:
             raise BadFile("JPEG without frame header (SOF) before the image data")
         (length,) = struct.unpack(">H", head[pos + 2:pos + 4])
         if marker in _SOF_MARKERS:
-            if pos + 9 > len(head):
-                f.seek(0)
-                head = f.read(pos + 16)
+            if pos + 9 > len(head) and more:
+                head = more(pos + 16)
             if pos + 9 > len(head):
                 raise BadFile("truncated JPEG frame header")
             h, w = struct.unpack(">HH", head[pos + 5:pos + 9])
@@ -86,8 +84,10 @@ def size_in_bytes(data) -> Tuple[int, int]:
     window computed for another image."""
     head = memoryview(data).cast("B")
     if bytes(head[:3]) == JPEG_MAGIC:
-        return _jpeg_size(io.BytesIO(head), head)[:2]
-    if bytes(head[:8]) == PNG_MAGIC and len(head) >= 24:
+        return _jpeg_size(head)[:2]
+    if bytes(head[:8]) == PNG_MAGIC:
+        if len(head) < 24:
+            raise BadFile("truncated PNG header")
         return _png_size(head)
     raise BadFile(f"not a JPEG or PNG image (starts with {bytes(head[:8])!r})")
 
@@ -131,7 +131,10 @@ def image_header(path: str) -> Tuple[int, int]:
         with open(path, "rb") as f:
             head = f.read(HEAD_BYTES)
             if head.startswith(JPEG_MAGIC):
-                w, h, sof = _jpeg_size(f, head)
+                def more(n: int) -> bytes:
+                    f.seek(0)
+                    return f.read(n)
+                w, h, sof = _jpeg_size(head, more)
                 _check_tail(f, size, b"\xff\xd9", sof, "JPEG")
                 return w, h
             if head.startswith(PNG_MAGIC):
