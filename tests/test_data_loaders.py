@@ -207,17 +207,22 @@ def _plant_bad(root, names):
     os.remove(root / "img" / names[1])
 
 
+def _two_epochs_see_all_but(ld, n: int, skipped) -> None:
+    """Both epochs have all their steps and see samples 0..n-1 but `skipped` once each."""
+    for epoch in range(2):
+        batches = collect(ld, epoch)
+        assert len(batches) == ld.steps_per_epoch
+        seen = sorted(sum((lab[v == 1].tolist() for _, lab, v in batches), []))
+        assert seen == [i for i in range(n) if i not in skipped]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_file_failing_mid_run_is_skipped_and_named(tmp_path, backend, caplog):
     root = write_images(tmp_path, 13)
     ld = build_loader(cfg_for(root, backend), "train", DistContext(), seed=0)
     _plant_bad(root, ["004.jpg", "009.jpg"])  # after the pre-flight check
     with caplog.at_level(logging.WARNING, logger="ppdpn.data"):
-        for epoch in range(2):
-            batches = collect(ld, epoch)
-            assert len(batches) == ld.steps_per_epoch
-            seen = sorted(sum((lab[v == 1].tolist() for _, lab, v in batches), []))
-            assert seen == [i for i in range(13) if i not in (4, 9)]
+        _two_epochs_see_all_but(ld, 13, skipped=(4, 9))
     text = caplog.text
     assert "004.jpg" in text and "009.jpg" in text
     assert text.count("004.jpg") == 1  # logged once, then substituted quietly
@@ -239,11 +244,7 @@ def test_file_rewritten_with_another_size_mid_run_is_skipped_and_named(tmp_path,
     data[sof + 5:sof + 9] = (5).to_bytes(2, "big") + (60000).to_bytes(2, "big")
     (root / "img" / "009.jpg").write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="ppdpn.data"):
-        for epoch in range(2):
-            batches = collect(ld, epoch)
-            assert len(batches) == ld.steps_per_epoch
-            seen = sorted(sum((lab[v == 1].tolist() for _, lab, v in batches), []))
-            assert seen == [i for i in range(13) if i not in (4, 9)]
+        _two_epochs_see_all_but(ld, 13, skipped=(4, 9))
     for name, now in [("004.jpg", "7x90"), ("009.jpg", "60000x5")]:
         lines = [r.getMessage() for r in caplog.records if name in r.getMessage()]
         assert len(lines) == 1 and f"changed since the pre-flight check: its header gives {now}" \
