@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ KEPT_BATCHES = 4
 MAX_FAILURES_PER_STEP = 3
 
 
-def _read_bytes(path: str, size: Tuple[int, int]):
+def _read_bytes(path: str, size: Sequence[int]):
     """File bytes as uint8, or the reason they cannot be fed: unreadable, or a header
     that no longer gives the pre-flight `size` (w, h). A file rewritten since the
     pre-flight would get a crop window meant for another image, and DALI's CPU resize
@@ -92,8 +92,9 @@ class _Feeder:
     def _prefetch(self, step: int) -> None:
         for s in range(step, min(step + READ_AHEAD, len(self.idx))):
             if s not in self._reads:
-                files = [(self.loader.samples.paths[i], tuple(self.loader.sizes[i].tolist()))
-                         for i in self.idx[s]]
+                row, loader = self.idx[s], self.loader
+                paths = [loader.samples.paths[i] for i in row]
+                files = list(zip(paths, loader.sizes[row].tolist()))
                 self._reads[s] = self._pool.submit(lambda fs: [_read_bytes(*f) for f in fs], files)
 
     def __call__(self):
