@@ -216,6 +216,19 @@ def _two_epochs_see_all_but(ld, n: int, skipped) -> None:
         assert seen == [i for i in range(n) if i not in skipped]
 
 
+def test_read_file_gives_the_bytes_or_an_os_error(odd_set, tmp_path):
+    """What both loaders feed their decoders: the file's bytes, uint8, whole."""
+    from ppdpn.data.check import read_file
+    for path in sorted((odd_set / "img").iterdir())[:5]:
+        data = read_file(str(path))
+        assert data.dtype == np.uint8 and data.tobytes() == path.read_bytes()
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert read_file(str(tmp_path / "empty.jpg")).size == 0
+    for missing_or_folder in (tmp_path / "gone.jpg", tmp_path):
+        with pytest.raises(OSError):
+            read_file(str(missing_or_folder))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_file_failing_mid_run_is_skipped_and_named(tmp_path, backend, caplog):
     root = write_images(tmp_path, 13)

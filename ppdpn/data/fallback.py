@@ -13,7 +13,7 @@ from typing import List, Tuple
 import numpy as np
 
 from ppdpn.data.base import LoaderBase, image_shape, normalize, resize_flip_normalize
-from ppdpn.data.check import BadFile, image_header, size_changed
+from ppdpn.data.check import BadFile, image_header, read_file, size_changed
 from ppdpn.data.plan import eval_geometry
 
 # (sample index, x, y, w, h, flip): one sample's work, decided in the main process.
@@ -43,7 +43,7 @@ class _JobDataset:
 
     def _decode(self, sample: int) -> np.ndarray:
         import cv2
-        img = cv2.imdecode(np.fromfile(self.paths[sample], dtype=np.uint8),
+        img = cv2.imdecode(read_file(self.paths[sample]),
                            cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if img is None:
             raise ValueError("OpenCV cannot decode it")
