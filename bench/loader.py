@@ -44,7 +44,7 @@ import cv2  # noqa: E402
 from ppdpn.config import DataConfig  # noqa: E402
 from ppdpn.data import build_loader  # noqa: E402
 from ppdpn.data.base import MEAN_255, STD_255  # noqa: E402
-from ppdpn.data.dali import _Feeder, linear_resize_args  # noqa: E402
+from ppdpn.data.dali import linear_resize_args  # noqa: E402
 from ppdpn.dist import DistContext  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina",
@@ -116,17 +116,19 @@ def epoch_images(loader, epoch: int):
 
 
 def bare_pipe_batches(loader, epoch: int):
-    """The same pipeline and feeder, no DLPack, no paddle (CPU: finished to numpy)."""
+    """The same pipelines and feeders, taking turns as in the loader, no DLPack, no
+    paddle (CPU: finished to numpy)."""
     idx, _ = loader.plan.batches(epoch)
-    feeder = _Feeder(loader, epoch, idx, 0)
-    pipe = loader.build_pipeline(feeder)
+    pairs = loader.pipelines(epoch, idx, 0)
     for step in range(loader.steps_per_epoch):
+        feeder, pipe = pairs[step % len(pairs)]
         (out,) = pipe.run()
         if loader.finish_on_host:
             out = loader.finish(out, feeder.flips[step])
         feeder.release(step)
         yield out
-    feeder.close()
+    for feeder, _ in pairs:
+        feeder.close()
 
 
 def bare_pipe_images(loader, epoch: int):

@@ -89,6 +89,21 @@ def test_resume_mid_epoch_repeats_the_same_batches(odd_set, backend):
         assert np.array_equal(a, b)  # same crops and flips, bit for bit
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_dali_pipelines_taking_turns_give_the_batches_of_one(odd_set, split):
+    """On a CPU two DALI pipelines take turns (steps k, k+2, ... each); the batches are
+    those of a single pipeline, from the start and from an odd step of an epoch of 6."""
+    cfg = cfg_for(odd_set, "dali")
+    loader = build_loader(cfg, split, DistContext(), seed=2)
+    assert loader.pipelines_per_run == 2 and loader.steps_per_epoch == 6
+    turns = collect(loader, 1) + collect(loader, 1, start=3)
+    loader.pipelines_per_run = 1
+    single = collect(loader, 1) + collect(loader, 1, start=3)
+    assert len(turns) == len(single) == 9
+    for (a, la, va), (b, lb, vb) in zip(turns, single):
+        assert np.array_equal(la, lb) and np.array_equal(va, vb) and np.array_equal(a, b)
+
+
 def test_dali_and_fallback_crop_alike(odd_set):
     """Same plan (crop windows, flips) and, on a CPU, the same code after decoding
     (base.resize_flip_normalize): only the JPEG decoders could differ (DALI's ROI decode

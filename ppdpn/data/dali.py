@@ -6,8 +6,9 @@ run repeats its batches exactly; the reader would bring its own RNG and order. F
 the bytes ourselves also tells us which file sits in which slot, so a file that breaks
 a batch is found, named and replaced, where a broken reader stays broken.
 
-A pipeline is built per epoch (and rebuilt after a decode failure, from the failed
-step): it holds no state of ours, and building one takes milliseconds.
+Pipelines are built per epoch (and rebuilt after a decode failure, from the failed
+step): they hold no state of ours, and building one takes milliseconds. On a CPU two
+pipelines take turns, so that one decodes while the other is between batches.
 The official nvidia.dali.plugin.paddle iterator fails on CPU Paddle (PLATFORM.md);
 DALI's default executor keeps outputs alive while referenced, so handing its buffers
 to paddle through DLPack is zero-copy and safe.
@@ -81,8 +82,10 @@ class _Feeder:
     """DALI's external source for one run of steps: each call returns the next batch's
     encoded bytes and crop windows, substituting files known or found to be bad."""
 
-    def __init__(self, loader: "DaliLoader", epoch: int, idx: np.ndarray, start: int):
+    def __init__(self, loader: "DaliLoader", epoch: int, idx: np.ndarray, start: int,
+                 stride: int = 1):
         self.loader, self.epoch, self.idx, self.step = loader, epoch, idx, start
+        self.stride = stride  # feeds steps start, start + stride, ...
         self.substituted: Dict[int, np.ndarray] = {}  # step -> bool [B]
         self.flips: Dict[int, np.ndarray] = {}  # step -> flips, for DaliLoader.finish
         self.fed: Dict[int, Dict[int, np.ndarray]] = {}  # step -> {slot: bytes} fed as is
@@ -90,7 +93,7 @@ class _Feeder:
         self._reads: Dict[int, object] = {}
 
     def _prefetch(self, step: int) -> None:
-        for s in range(step, min(step + READ_AHEAD, len(self.idx))):
+        for s in range(step, min(step + READ_AHEAD * self.stride, len(self.idx)), self.stride):
             if s not in self._reads:
                 row, loader = self.idx[s], self.loader
                 paths = [loader.samples.paths[i] for i in row]
@@ -101,7 +104,7 @@ class _Feeder:
         s = self.step
         if s >= len(self.idx):
             raise StopIteration
-        self.step += 1
+        self.step += self.stride
         self._prefetch(s)
         raw = self._reads.pop(s).result()
         loader, row = self.loader, self.idx[s]
@@ -151,6 +154,8 @@ class DaliLoader(LoaderBase):
         helpers = max(0, self.cfg.num_workers - 1) if self.finish_on_host else 0
         self._pool = ThreadPoolExecutor(helpers, "dali-finish") if helpers else None
         self._batches: List[np.ndarray] = []  # see _free_batch
+        # Pipelines taking turns (see pipelines): two when DALI decodes on the CPU.
+        self.pipelines_per_run = 2 if self.decode_device == "cpu" else 1
 
     def pipeline_inputs(self, enc: List[np.ndarray], win: np.ndarray, flips: np.ndarray):
         """Per-sample inputs of the external source, in the order build_pipeline expects."""
@@ -241,6 +246,15 @@ class DaliLoader(LoaderBase):
             self._batches.append(arr)
         return arr
 
+    def pipelines(self, epoch: int, idx: np.ndarray, step: int) -> List[tuple]:
+        """(feeder, pipeline) pairs that feed steps step.. of `epoch` taking turns: pair k
+        feeds steps step + k, step + k + n, ... With one pipeline a core idles whenever
+        DALI sits between two batches (its decoder's set-up, the last images of a batch:
+        ~8 % of the two cores here); a second pipeline decodes meanwhile."""
+        n = max(1, min(self.pipelines_per_run, self.steps_per_epoch - step))
+        feeders = [_Feeder(self, epoch, idx, step + k, stride=n) for k in range(n)]
+        return [(feeder, self.build_pipeline(feeder)) for feeder in feeders]
+
     def epoch(self, epoch: int, start_step: int = 0):
         """Yield (images, labels int64, valid float32) for steps start_step.. of `epoch`."""
         from paddle.utils.dlpack import from_dlpack
@@ -248,10 +262,10 @@ class DaliLoader(LoaderBase):
         idx, valid = self.plan.batches(epoch)
         step, failures = start_step, 0
         while step < self.steps_per_epoch:
-            feeder = _Feeder(self, epoch, idx, step)
-            pipe = self.build_pipeline(feeder)
+            pairs, first = self.pipelines(epoch, idx, step), step
             try:
                 while step < self.steps_per_epoch:
+                    feeder, pipe = pairs[(step - first) % len(pairs)]
                     try:
                         (out,) = pipe.run()
                     except RuntimeError as err:
@@ -259,7 +273,7 @@ class DaliLoader(LoaderBase):
                             raise  # a bug of ours or of the setup, not a bad file
                         failures += 1
                         self._on_failure(err, feeder, epoch, step, failures)
-                        break  # rebuild the pipeline and feed this step again
+                        break  # rebuild the pipelines and feed this step again
                     if self.finish_on_host:
                         images = from_dlpack(self.finish(out, feeder.flips[step]).__dlpack__())
                         # Hand DALI back its outputs now, not at the next run() (0-2 %
@@ -273,8 +287,9 @@ class DaliLoader(LoaderBase):
                     yield images, labels, ok
                     step, failures = step + 1, 0
             finally:
-                feeder.close()
-                del pipe
+                for feeder, _ in pairs:
+                    feeder.close()
+                pairs = pipe = None  # the pipelines go now, not at the next rebuild
 
     def _on_failure(self, err: Exception, feeder: _Feeder, epoch: int, step: int,
                     failures: int) -> None:
