@@ -79,8 +79,9 @@ def _is_data_error(err: Exception) -> bool:
 
 
 class _Feeder:
-    """DALI's external source for one run of steps: each call returns the next batch's
-    encoded bytes and crop windows, substituting files known or found to be bad."""
+    """DALI's external source for one pipeline's steps of a run (start, start + stride,
+    ...): each call returns its next step's encoded bytes and crop windows,
+    substituting files known or found to be bad."""
 
     def __init__(self, loader: "DaliLoader", epoch: int, idx: np.ndarray, start: int,
                  stride: int = 1):
