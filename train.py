@@ -14,7 +14,6 @@ import signal
 import sys
 from functools import partial
 
-import paddle
 
 from ppdpn import dist
 from ppdpn.checkpoint import CheckpointError
@@ -51,15 +50,16 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.override)
     # Installed before the slow set-up so an early SIGUSR1/SIGTERM is not lost.
     stopper = session.StopSignal(signal.SIGUSR1, signal.SIGTERM)
-    ctx = dist.init_distributed(cfg.Global.device, amp=cfg.AMP.use_amp)
-    session.seed_everything(cfg.Global.seed, cfg.Global.deterministic)
+    ctx = dist.init_distributed(cfg.Global.device, amp=cfg.AMP.use_amp,
+                                deterministic=cfg.Global.deterministic)
+    session.seed_everything(cfg.Global.seed)
     log = RunLogger(cfg.Global.output_dir, ctx.is_main, use_visualdl=cfg.Global.visualdl and not args.eval_only)
     log.info(f"[run] rank {ctx.rank}/{ctx.world_size} on {ctx.device}; config {args.config}")
 
     model = create_model(cfg.Arch.name, num_classes=cfg.Arch.class_num,
                          pretrained=cfg.Global.pretrained_model,
                          recompute=cfg.Arch.recompute, data_format=cfg.Arch.data_format)
-    amp = build_amp(cfg.AMP, ctx.use_gpu, log=log.info)
+    amp = build_amp(cfg.AMP, ctx.use_gpu, log=log.info, data_format=cfg.Arch.data_format)
 
     if args.benchmark or args.eval_only:
         stopper.restore()  # nothing to checkpoint: signals end these runs as usual
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     from ppdpn.data import build_loader
     val_loader = build_loader(cfg.DataLoader, "val", ctx, cfg.Global.seed, cfg.Arch.class_num)
     if args.eval_only:
+        model = amp.decorate(model)  # O2 only when eval runs under autocast (AMP.eval_fp32=false)
         dist.broadcast_params(model)
         metrics = evaluate(dist.wrap_model(model), val_loader, amp)
         print(json.dumps(metrics), flush=True)
@@ -91,8 +92,7 @@ def main(argv=None) -> int:
     state = TrainState()
     lr_sched = ScheduleLR(schedule)
     optimizer = build_optimizer(model, cfg.Optimizer, lr_sched, multi_precision)
-    if amp.enabled and amp.level == "O2":  # fp16/bf16 weights with fp32 master copies
-        model, optimizer = paddle.amp.decorate(model, optimizer, level="O2", dtype=amp.dtype)
+    model, optimizer = amp.decorate(model, optimizer)  # O2: fp16/bf16 weights, fp32 masters
     resumed = session.resume(cfg, model, optimizer, amp, state, steps_per_epoch, log=log.info)
     lr_sched.last_epoch = state.global_step - 1
     lr_sched.step()  # recompute the LR for the resumed step
@@ -139,7 +139,7 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
             metrics = None
             if last or state.epoch % g.eval_interval == 0:
                 dist.average_buffers(model)
-                metrics = evaluate(model_dp, val_loader, amp)
+                metrics = evaluate(amp.eval_model(model_dp, optimizer), val_loader, amp)
                 session.check_finite_eval(metrics, state)
                 log.scalars("eval", state.global_step, {k: metrics[k] for k in ("loss", "top1", "top5")})
             clock.end_epoch(metrics)
@@ -161,7 +161,7 @@ def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader
             stopper.restore()
     if metrics is None:
         dist.average_buffers(model)
-        metrics = evaluate(model_dp, val_loader, amp)
+        metrics = evaluate(amp.eval_model(model_dp, optimizer), val_loader, amp)
     agree = dist.ranks_agree(dist.weights_checksum(model))
     log.info(f"[run] weights identical on all {ctx.world_size} ranks: {agree}")
     plot = log.plot_curves()

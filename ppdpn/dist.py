@@ -87,33 +87,43 @@ def launcher_workers(launcher_pid: int) -> dict:
     return found
 
 
-def gpu_flags(amp: bool) -> dict:
-    """cuDNN settings for training on a GPU (the CPU build does not define these flags).
+def gpu_flags(amp: bool, deterministic: bool) -> dict:
+    """Every cuDNN setting a run makes, decided here from (amp, deterministic). The CPU
+    build does not define these flags; init_distributed sets them on a GPU only.
 
     - FLAGS_cudnn_exhaustive_search: time every cuDNN conv algorithm once per shape and keep
       the fastest (NVIDIA's Paddle RN50 and PaddleClas's GPU scripts turn it on; costs a few
-      seconds in the first steps, and input shapes are fixed here).
+      seconds in the first steps, and input shapes are fixed here). Never together with
+      FLAGS_cudnn_deterministic: Paddle's cuDNN conv kernel refuses that pair at the first
+      convolution ("Cann't set exhaustive_search True and FLAGS_cudnn_deterministic True at
+      same time"), so a deterministic run takes cuDNN's deterministic algorithms instead.
     - FLAGS_conv_workspace_size_limit (MB): let those algorithms use up to 4 GB of scratch
       (NVIDIA's RN50: 4096; Paddle's default 512 rules out the fastest ones).
     - FLAGS_cudnn_batchnorm_spatial_persistent: cuDNN's faster persistent BatchNorm, which
       also gives fp16 NHWC batches a native NHWC kernel. PaddleClas enables it for AMP only:
-      Paddle documents that it can overflow for some fp32 input ranges.
+      Paddle documents that it can overflow for some fp32 input ranges. Off in
+      deterministic runs: its backward reduces with atomics (cuDNN documents the persistent
+      mode as possibly non-deterministic).
     """
+    if deterministic:
+        return {"FLAGS_cudnn_deterministic": True, "FLAGS_cudnn_exhaustive_search": False,
+                "FLAGS_conv_workspace_size_limit": 4096}
     flags = {"FLAGS_cudnn_exhaustive_search": True, "FLAGS_conv_workspace_size_limit": 4096}
     if amp:
         flags["FLAGS_cudnn_batchnorm_spatial_persistent"] = True
     return flags
 
 
-def init_distributed(device_preference: str = "auto", amp: bool = False) -> DistContext:
-    """Set the device (with gpu_flags(amp) on a GPU) and, under the launcher with more
-    than one process, start Fleet collective."""
+def init_distributed(device_preference: str = "auto", amp: bool = False,
+                     deterministic: bool = False) -> DistContext:
+    """Set the device (with gpu_flags(amp, deterministic) on a GPU) and, under the
+    launcher with more than one process, start Fleet collective."""
     global _CTX
     rank, world, local = env_rank_world()
     device = select_device(device_preference, local)
     paddle.set_device(device)
     if device.startswith("gpu"):
-        paddle.set_flags(gpu_flags(amp))
+        paddle.set_flags(gpu_flags(amp, deterministic))
     if world > 1:
         from paddle.distributed import fleet
         fleet.init(is_collective=True, strategy=build_strategy())

@@ -13,19 +13,18 @@ import numpy as np
 import paddle
 
 from ppdpn import dist
-from ppdpn.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
-                              load_optimizer_state, optimizer_state, save_checkpoint)
+from ppdpn.checkpoint import (CheckpointError, fp32_weights, inner_optimizer, latest_checkpoint,
+                              load_checkpoint, load_optimizer_state, optimizer_state,
+                              save_checkpoint, set_weights)
 from ppdpn.config import code_version
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and Paddle. Deterministic GPU kernels are a cuDNN flag, set with
+    the others by dist.gpu_flags (CPU kernels are deterministic as they are)."""
     random.seed(seed)
     np.random.seed(seed)
     paddle.seed(seed)
-    if deterministic and paddle.is_compiled_with_cuda():
-        # cuDNN picks non-deterministic algorithms otherwise. CPU kernels are deterministic
-        # as they are (the flag does not exist on the CPU build).
-        paddle.set_flags({"FLAGS_cudnn_deterministic": True})
 
 
 # ---------------------------------------------------------------- resume
@@ -54,8 +53,8 @@ def build_state_dict(cfg, model, optimizer, amp, state, steps_per_epoch: int) ->
     m = dist.unwrap(model)
     world = dist.context().world_size
     return {
-        "model": {k: v.numpy() for k, v in m.state_dict().items()},
-        "optimizer": optimizer_state(getattr(optimizer, "_inner_opt", optimizer), m),
+        "model": fp32_weights(m, optimizer),
+        "optimizer": optimizer_state(inner_optimizer(optimizer), m),
         "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
         "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
         "global_step": state.global_step, "best_metric": state.best_metric,
@@ -104,9 +103,9 @@ def resume(cfg, model, optimizer, amp, state, steps_per_epoch: int, log=print):
     _check_resumable(ckpt, path)
     m = dist.unwrap(model)
     _check_same_tensors(m, ckpt["model"], path)
-    m.set_state_dict({k: paddle.to_tensor(v) for k, v in ckpt["model"].items()})
+    set_weights(m, ckpt["model"])
     try:
-        load_optimizer_state(optimizer, m, ckpt["optimizer"])
+        load_optimizer_state(optimizer, m, ckpt["optimizer"], weights=ckpt["model"])
         if amp.scaler is not None and ckpt.get("scaler"):
             amp.scaler.load_state_dict(ckpt["scaler"])
         _set_rng_states(ckpt.get("rng"))
@@ -243,7 +242,9 @@ class Saver:
         out = Path(self.cfg.Global.output_dir) / "best_model.pdparams"
         tmp = out.with_name(f".{out.name}.tmp")
         try:
-            paddle.save(to_paddleclas_state_dict(dist.unwrap(self.model), self.cfg.Arch.name), str(tmp))
+            model = dist.unwrap(self.model)
+            weights = fp32_weights(model, self.optimizer)  # fp32 at any AMP level
+            paddle.save(to_paddleclas_state_dict(model, self.cfg.Arch.name, weights), str(tmp))
             os.replace(tmp, out)
         except OSError as e:
             raise CheckpointError(f"cannot write {out}: {e}") from e
