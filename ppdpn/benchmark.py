@@ -117,8 +117,7 @@ def run_benchmark(cfg, model, amp, ctx, real_data=False, warmup=5, steps=20) -> 
     schedule = build_schedule(cfg.Optimizer.lr, 1, warmup + steps, d.batch_size * ctx.world_size)
     lr_sched = ScheduleLR(schedule)
     optimizer = build_optimizer(model, cfg.Optimizer, lr_sched, amp.enabled)
-    if amp.enabled and amp.level == "O2":
-        model, optimizer = paddle.amp.decorate(model, optimizer, level="O2", dtype=amp.dtype)
+    model, optimizer = amp.decorate(model, optimizer)
     model_dp, optimizer = dist.wrap_model(model), dist.wrap_optimizer(optimizer)
     memory = MemoryMeter(ctx.use_gpu)
     stamps, cpu, waits = [], [], []

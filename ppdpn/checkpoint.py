@@ -82,6 +82,48 @@ def to_numpy_tree(obj):
     return obj
 
 
+def inner_optimizer(optimizer):
+    """The Paddle optimizer inside Fleet's distributed wrapper."""
+    return getattr(optimizer, "_inner_opt", optimizer)
+
+
+def fp32_weights(model, optimizer=None) -> dict:
+    """The model's state_dict as numpy, every floating tensor float32: checkpoints,
+    best_model.pdparams, exports and fp32 eval hold fp32 weights whatever the AMP level.
+
+    Under AMP O2 a parameter is fp16/bf16 and the optimizer keeps its fp32 master copy
+    (multi_precision): that copy is taken as it is. Casting the fp16 parameter up, as
+    paddle.amp.decorate(save_dtype="float32") does, would save weights rounded to fp16."""
+    masters = getattr(inner_optimizer(optimizer), "_master_weights", None) or {}
+    out = {}
+    for key, tensor in model.state_dict().items():
+        master = masters.get(tensor.name)
+        if master is not None and tensor.dtype != paddle.float32:
+            tensor = master
+        if tensor.is_floating_point() and tensor.dtype != paddle.float32:
+            tensor = tensor.astype("float32")  # bf16 .numpy() would give raw uint16
+        out[key] = tensor.numpy()
+    return out
+
+
+def set_weights(model, weights: dict) -> None:
+    """Load a {key: array} state into `model`, each value cast to the dtype the model
+    holds it in (fp16/bf16 parameters under AMP O2, fp32 otherwise): checkpoints are fp32,
+    and Paddle's set_value refuses another dtype with a bare AssertionError."""
+    own = model.state_dict()
+    model.set_state_dict({k: paddle.to_tensor(v).astype(own[k].dtype) if k in own
+                          else paddle.to_tensor(v) for k, v in weights.items()})
+
+
+def master_weights_for(model, weights: dict) -> dict:
+    """{structured name: fp32 array} for the parameters `model` keeps in fp16/bf16 (AMP
+    O2), taken from fp32 `weights`: the optimizer's master copies resume exactly, whatever
+    AMP level the checkpoint was written under. Empty when every parameter is fp32."""
+    return {name: np.asarray(weights[name], dtype=np.float32)
+            for name, p in model.named_parameters()
+            if p.dtype != paddle.float32 and name in weights}
+
+
 def optimizer_state(optimizer, model) -> dict:
     """Optimizer state keyed by structured parameter names, not Paddle's generated
     names (`conv2d_7.w_0`), which change with the order layers were created in."""
@@ -96,8 +138,16 @@ def optimizer_state(optimizer, model) -> dict:
     return out
 
 
-def load_optimizer_state(optimizer, model, state: dict) -> None:
+def load_optimizer_state(optimizer, model, state: dict, weights: Optional[dict] = None) -> None:
+    """Restore `state` (from optimizer_state). With `weights` (the checkpoint's fp32
+    model), the master copies of fp16/bf16 parameters are rebuilt from them and any saved
+    ones are dropped, so a run resumes under O2 from a checkpoint of any AMP level."""
     names = {n: p.name for n, p in model.named_parameters()}
+    if weights is not None:
+        state = {k: v for k, v in state.items() if k != "master_weights"}
+        masters = master_weights_for(model, weights)
+        if masters:
+            state["master_weights"] = masters
     restored = {}
     for key, value in state.items():
         if key == "master_weights":

@@ -111,7 +111,10 @@ class AMPConfig:
     dtype: str = _f("float16", choices=["float16", "bfloat16"])
     scale_loss: float = _f(128.0, min=1.0)
     use_dynamic_loss_scaling: bool = _f(True)
-    eval_fp32: bool = _f(True)
+    eval_fp32: bool = _f(True, doc="evaluate with fp32 weights and inputs (under O2: the "
+                         "fp32 master copies); false: under autocast at `level`")
+    master_grad: bool = _f(False, doc="O2 only: keep fp32 weight gradients (decorate's "
+                           "master_grad) for the update, weight decay and clipping")
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,13 @@ def _cross_check(cfg: Config, src: str) -> None:
                           f"DataLoader.output_layout={cfg.Arch.data_format!r}, "
                           f"got {cfg.DataLoader.output_layout!r}")
     d = cfg.DataLoader
+    if d.output_dtype == "float16" and not cfg.AMP.use_amp:
+        raise ConfigError(f"{src}: DataLoader.output_dtype=float16 feeds fp16 images to the "
+                          f"model, which only AMP runs: set AMP.use_amp=true or "
+                          f"DataLoader.output_dtype=float32")
+    if cfg.AMP.master_grad and cfg.AMP.level != "O2":
+        raise ConfigError(f"{src}: AMP.master_grad=true needs AMP.level=O2 (O1 keeps fp32 "
+                          f"weights and gradients already), got {cfg.AMP.level!r}")
     for key, pair in (("scale", d.scale), ("ratio", d.ratio)):
         if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
             raise ConfigError(f"{src}: DataLoader.{key}={pair!r} must be [low, high], 0 < low <= high")

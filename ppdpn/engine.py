@@ -1,6 +1,7 @@
 """train_one_epoch() and evaluate(): the only place that runs autocast and the scaler."""
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,12 +21,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class Amp:
-    """One AMP path: the autocast context and the scaler, built once from config."""
+    """One AMP path: the autocast context, the scaler, the O2 decoration and the precision
+    of eval, built once from config. Disabled (fp32 everywhere) on a CPU."""
     enabled: bool
     level: str
     dtype: str
     scaler: Optional[paddle.amp.GradScaler]
     eval_fp32: bool
+    master_grad: bool = False
 
     def autocast(self, training: bool = True):
         if not self.enabled or (not training and self.eval_fp32):
@@ -35,17 +38,54 @@ class Amp:
     def loss_scale(self) -> float:
         return float(self.scaler._scale.item()) if self.scaler is not None else 1.0
 
+    @property
+    def pure(self) -> bool:
+        """O2: parameters themselves are fp16/bf16, with fp32 master copies in the optimizer."""
+        return self.enabled and self.level == "O2"
 
-def build_amp(cfg: AMPConfig, use_gpu: bool, log=print) -> Amp:
+    def decorate(self, model, optimizer=None):
+        """Under O2, cast the model's parameters (BatchNorm's stay fp32) and give the
+        optimizer fp32 master weights; master_grad keeps fp32 gradients too. Returns
+        (model, optimizer), or the model alone for eval-only: the model eval runs under
+        O2 autocast is decorated as in training, an fp32 eval's is left in fp32.
+        Checkpoints take the master copies, not the cast parameters (fp32_weights)."""
+        wanted = self.pure and (optimizer is not None or not self.eval_fp32)
+        if wanted:
+            return paddle.amp.decorate(model, optimizer, level="O2", dtype=self.dtype,
+                                       master_grad=self.master_grad)
+        return model if optimizer is None else (model, optimizer)
+
+    def eval_model(self, model, optimizer=None):
+        """The model evaluate() runs: `model` itself, except for an fp32 eval (eval_fp32)
+        of an O2 model, whose parameters are fp16/bf16: then an fp32 copy loaded with the
+        optimizer's master weights, so "fp32 eval" means fp32 weights and fp32 inputs."""
+        plain = dist.unwrap(model)
+        if not (self.eval_fp32 and any(p.dtype != paddle.float32 for p in plain.parameters())):
+            return model
+        from ppdpn.checkpoint import fp32_weights, set_weights
+        twin = copy.deepcopy(plain)
+        twin.to(dtype="float32")
+        set_weights(twin, fp32_weights(plain, optimizer))
+        return twin
+
+
+def build_amp(cfg: AMPConfig, use_gpu: bool, log=print, data_format: str = "NCHW") -> Amp:
     if cfg.use_amp and not use_gpu:
         # Paddle registers no fp16/bf16 conv/BN kernels on CPU: autocast is a no-op there.
-        log("[amp] AMP requested but the device is CPU: Paddle runs it as a no-op; training in fp32")
+        log("[amp] AMP requested but the device is CPU: Paddle has no fp16/bf16 kernels "
+            "there; training and evaluating in fp32 (fp32 inputs, fp32 weights)")
     enabled = cfg.use_amp and use_gpu
+    if use_gpu and data_format == "NHWC" and not enabled:
+        # cuDNN runs Paddle's convolutions natively in NHWC for fp16/bf16 only; an fp32
+        # NHWC conv is transposed to NCHW and back around every call.
+        log("[perf] Arch.data_format=NHWC with AMP.use_amp=false: Paddle's fp32 convolutions "
+            "run NCHW and transpose NHWC inputs at every conv; use NHWC with AMP, or "
+            "Arch.data_format=NCHW + DataLoader.output_layout=NCHW in fp32")
     scaler = None
     if enabled and cfg.dtype == "float16":  # bf16 has fp32's range: no loss scaling needed
         scaler = paddle.amp.GradScaler(init_loss_scaling=cfg.scale_loss,
                                        use_dynamic_loss_scaling=cfg.use_dynamic_loss_scaling)
-    return Amp(enabled, cfg.level, cfg.dtype, scaler, cfg.eval_fp32)
+    return Amp(enabled, cfg.level, cfg.dtype, scaler, cfg.eval_fp32, cfg.master_grad)
 
 
 def soft_cross_entropy(logits, targets, valid):

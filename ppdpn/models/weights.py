@@ -130,10 +130,15 @@ def paddleclas_key_map(model: paddle.nn.Layer, name: Optional[str] = None) -> Di
     return {key: paddleclas_key(key, rules) for key in model.state_dict()}
 
 
-def to_paddleclas_state_dict(model: paddle.nn.Layer, name: Optional[str] = None) -> Dict:
-    """The model's weights under PaddleClas's keys, ready for paddle.save (numpy values)."""
+def to_paddleclas_state_dict(model: paddle.nn.Layer, name: Optional[str] = None,
+                             weights: Optional[Dict[str, np.ndarray]] = None) -> Dict:
+    """The model's weights under PaddleClas's keys, ready for paddle.save (numpy values).
+    `weights` (our keys -> arrays) replaces the model's own tensors: under AMP O2 the
+    caller passes the fp32 master copies (checkpoint.fp32_weights)."""
     key_map = paddleclas_key_map(model, name)  # the layout follows from the model's class
-    return OrderedDict((key_map[k], v.numpy()) for k, v in model.state_dict().items())
+    if weights is None:
+        weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    return OrderedDict((key_map[k], weights[k]) for k in model.state_dict())
 
 
 def _weights_in(obj: Any, path) -> Dict[str, np.ndarray]:
