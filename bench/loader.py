@@ -118,11 +118,11 @@ def epoch_images(loader, epoch: int):
 def bare_pipe_batches(loader, epoch: int):
     """The same pipelines and feeders, taking turns as in the loader, no DLPack, no
     paddle (CPU: finished to numpy)."""
-    idx, _ = loader.plan.batches(epoch)
-    pairs = loader.pipelines(epoch, idx, 0)
+    idx, valid = loader.plan.batches(epoch)
+    pairs = loader.pipelines(epoch, idx, valid, 0)
     for step in range(loader.steps_per_epoch):
         feeder, pipe = pairs[step % len(pairs)]
-        (out,) = pipe.run()
+        out, _, _ = pipe.run()  # images, labels, valid
         if loader.finish_on_host:
             out = loader.finish(out, feeder.flips[step])
         feeder.release(step)

@@ -128,6 +128,7 @@ def test_gpu_train_graph_run_on_the_cpu_matches_the_host_finish(odd_set, layout,
     host = build_loader(cfg, "train", DistContext(), seed=1)
     in_dali = build_loader(cfg, "train", DistContext(), seed=1)
     in_dali.finish_on_host = False  # the graph decode_device="mixed" selects, on the CPU
+    host.output_dtype = in_dali.output_dtype = dtype  # as for AMP training on a GPU
     std = np.asarray(STD_255)[:, None, None] if layout == "NCHW" else np.asarray(STD_255)
     for (a, la, va), (b, lb, vb) in zip(collect(host, 4), collect(in_dali, 4)):
         assert a.shape == b.shape and a.dtype == b.dtype == np.dtype(dtype)
@@ -181,8 +182,14 @@ def test_normalisation_shapes_and_output_options(tmp_path, backend, split):
     assert valid.tolist() == [1.0, 0.0]  # one sample, padded to the batch
     assert np.abs(images - expect[None, :, None, None]).max() < 1e-4
     cfg = cfg_for(root, backend, batch_size=2, output_layout="NHWC", output_dtype="float16")
-    (images, _, _), = collect(build_loader(cfg, split, DistContext(), seed=0), 0)
-    assert images.shape == (2, 16, 16, 3) and images.dtype == np.float16
+    ld = build_loader(cfg, split, DistContext(), seed=0)
+    # fp16 batches are for AMP training on a GPU only; a CPU run and every eval read fp32
+    assert ld.output_dtype == "float32"
+    if split == "train":
+        ld.output_dtype = "float16"  # what a GPU device selects
+    (images, _, _), = collect(ld, 0)
+    assert images.shape == (2, 16, 16, 3)
+    assert images.dtype == (np.float16 if split == "train" else np.float32)
     assert np.abs(images.astype(np.float32) - expect).max() < 1e-2
 
 

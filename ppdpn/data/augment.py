@@ -33,6 +33,18 @@ def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator):
     return (y1, y2, x1, x2), 1.0 - (y2 - y1) * (x2 - x1) / float(height * width)
 
 
+def box_mask(y1: int, y2: int, x1: int, x2: int, height: int, width: int, dtype):
+    """[H, W] mask, 1 inside rows y1..y2-1 and columns x1..x2-1, made on the device from
+    two aranges: the box's corners are kernel arguments, so nothing is copied from the
+    host (a numpy mask + paddle.to_tensor would be a blocking copy every CutMix step)."""
+    import paddle
+    rows = paddle.arange(height, dtype="int32")
+    cols = paddle.arange(width, dtype="int32")
+    inside_rows = paddle.logical_and(rows >= y1, rows < y2).astype(dtype)
+    inside_cols = paddle.logical_and(cols >= x1, cols < x2).astype(dtype)
+    return inside_rows.unsqueeze(1) * inside_cols.unsqueeze(0)
+
+
 def mix_batch(images, labels, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
               label_smoothing: float, rng: np.random.Generator,
               data_format: str = "NCHW") -> Tuple[object, object]:
@@ -49,10 +61,8 @@ def mix_batch(images, labels, num_classes: int, mixup_alpha: float, cutmix_alpha
         h_axis, w_axis = (2, 3) if data_format == "NCHW" else (1, 2)
         height, width = images.shape[h_axis], images.shape[w_axis]
         (y1, y2, x1, x2), lam = cutmix_box(height, width, lam, rng)
-        box = np.zeros((height, width), dtype=np.float32)
-        box[y1:y2, x1:x2] = 1.0
-        box = box[None, None] if data_format == "NCHW" else box[None, :, :, None]
-        box = paddle.to_tensor(box, place=images.place).astype(images.dtype)
+        box = box_mask(y1, y2, x1, x2, height, width, images.dtype)
+        box = box.reshape([1, 1, height, width] if data_format == "NCHW" else [1, height, width, 1])
         images = images * (1.0 - box) + partner * box
     else:
         lam = float(rng.beta(mixup_alpha, mixup_alpha))

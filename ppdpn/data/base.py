@@ -119,6 +119,10 @@ class LoaderBase:
         self.num_samples = len(samples)
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.image_size = cfg.image_size
+        # fp16 batches only where a model consumes them: training under AMP, which runs on
+        # a GPU only (load_config refuses output_dtype float16 without AMP.use_amp). Eval
+        # always reads fp32: an fp32 eval needs fp32 inputs, and autocast casts them itself.
+        self.output_dtype = cfg.output_dtype if self.is_train and ctx.use_gpu else "float32"
         self.failed: Dict[int, str] = {}  # sample index -> why it failed mid-run
         self._forced: Set[Tuple[int, int]] = set()  # (epoch, step) fed wholly substituted
 
@@ -147,17 +151,3 @@ class LoaderBase:
             self.failed[sample] = reason
             log.warning("skipping %s (rank %d): %s; its slot is marked invalid",
                         self.samples.paths[sample], self.ctx.rank, reason)
-
-    def place(self):
-        """The paddle Place of the training device named by DistContext."""
-        import paddle
-        if self.ctx.use_gpu:
-            return paddle.CUDAPlace(int(self.ctx.device.split(":")[1]))
-        return paddle.CPUPlace()
-
-    def targets(self, idx_row: np.ndarray, valid_row: np.ndarray):
-        """Labels int64 [B] and valid float32 [B] as paddle tensors on the device."""
-        import paddle
-        labels = self.samples.labels[idx_row].astype(np.int64)
-        return (paddle.to_tensor(labels, place=self.place()),
-                paddle.to_tensor(valid_row.astype(np.float32), place=self.place()))

@@ -83,9 +83,10 @@ class _Feeder:
     ...): each call returns its next step's encoded bytes and crop windows,
     substituting files known or found to be bad."""
 
-    def __init__(self, loader: "DaliLoader", epoch: int, idx: np.ndarray, start: int,
-                 stride: int = 1):
+    def __init__(self, loader: "DaliLoader", epoch: int, idx: np.ndarray, valid: np.ndarray,
+                 start: int, stride: int = 1):
         self.loader, self.epoch, self.idx, self.step = loader, epoch, idx, start
+        self.valid = valid  # the plan's mask: 0 for padding slots
         self.stride = stride  # feeds steps start, start + stride, ...
         self.substituted: Dict[int, np.ndarray] = {}  # step -> bool [B]
         self.flips: Dict[int, np.ndarray] = {}  # step -> flips, for DaliLoader.finish
@@ -124,7 +125,9 @@ class _Feeder:
                 self.fed[s][k] = data
             enc.append(data)
         self.substituted[s], self.flips[s] = subs, flips
-        return loader.pipeline_inputs(enc, win, flips)
+        labels = loader.samples.labels[row].astype(np.int64)
+        counted = (self.valid[s] * ~subs).astype(np.float32)  # substitutes do not count
+        return loader.pipeline_inputs(enc, win, flips) + (labels, counted)
 
     def release(self, step: int) -> None:
         """Forget the bytes of steps before `step`: DALI is done with them."""
@@ -133,6 +136,27 @@ class _Feeder:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# nvJPEG's buffers (DALI `mixed` decoder) are sized up front for full-size ImageNet JPEGs,
+# the values NVIDIA's DALI ImageNet examples (DeepLearningExamples RN50, PaddleClas's
+# dali.py) use: ~201 MiB per thread of device memory and ~134 MiB of pinned host memory.
+# With DALI's defaults (16 MiB / 8 MiB) the first large images of a run reallocate them,
+# stalling steps while the run warms up. They apply to `mixed` only; the CPU decoder has
+# no such buffers.
+DEVICE_MEMORY_PADDING = 211025920
+HOST_MEMORY_PADDING = 140544512
+
+
+def decoder_args(device: str) -> dict:
+    """fn.decoders.image / image_slice arguments for `device` ("cpu" or "mixed")."""
+    from nvidia.dali import types
+    # EXIF orientation ignored so header sizes match decoded pixels.
+    args = dict(device=device, output_type=types.RGB, adjust_orientation=False)
+    if device == "mixed":
+        args.update(device_memory_padding=DEVICE_MEMORY_PADDING,
+                    host_memory_padding=HOST_MEMORY_PADDING)
+    return args
 
 
 def linear_resize_args() -> dict:
@@ -159,7 +183,8 @@ class DaliLoader(LoaderBase):
         self.pipelines_per_run = 2 if self.decode_device == "cpu" else 1
 
     def pipeline_inputs(self, enc: List[np.ndarray], win: np.ndarray, flips: np.ndarray):
-        """Per-sample inputs of the external source, in the order build_pipeline expects."""
+        """Per-sample inputs of the external source, in the order build_pipeline expects
+        (the feeder appends labels and the valid mask)."""
         # Dense [B, ...] arrays: DALI takes them as a batch without per-sample overhead.
         win = np.asarray(win, dtype=np.float32)
         # (DALI rejects strided views, hence the contiguous copies.)
@@ -173,38 +198,44 @@ class DaliLoader(LoaderBase):
         """Train: ROI decode of the crop window, resize, flip, normalise; on a CPU the
         pipeline ends with the decoded crops and `finish` does the rest. Eval: decode,
         resize the centre-crop window to image_size (equal to PaddleClas's
-        resize-short-then-crop, see plan.eval_windows), normalise."""
+        resize-short-then-crop, see plan.eval_windows), normalise. Every pipeline also
+        outputs the batch's labels (int64) and valid mask (float32): on a GPU DALI copies
+        them to the device with the images, asynchronously, so the training loop never
+        makes a blocking host-to-device copy of its own."""
         from nvidia.dali import Pipeline, fn, types
         cfg, size = self.cfg, [self.image_size, self.image_size]
         pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, cfg.num_workers),
                         device_id=self.ctx.dali_device_id, prefetch_queue_depth=cfg.prefetch)
-        u8, f32 = types.UINT8, types.FLOAT
-        # EXIF orientation ignored so header sizes match decoded pixels.
-        decode = dict(device=self.decode_device, output_type=types.RGB, adjust_orientation=False)
+        u8, f32, i32 = types.UINT8, types.FLOAT, types.INT32
+        decode = decoder_args(self.decode_device)
         slice_args = dict(normalized_anchor=False, normalized_shape=False, **decode)
+        targets = [types.INT64, f32]  # labels, valid: the last two outputs of the feeder
         with pipe:
             if self.finish_on_host:
-                enc, anchor, shape = fn.external_source(
-                    source=source, num_outputs=3, batch=True, dtype=[u8, f32, f32])
-                pipe.set_outputs(fn.decoders.image_slice(enc, anchor, shape, **slice_args))
+                enc, anchor, shape, labels, valid = fn.external_source(
+                    source=source, num_outputs=5, batch=True, dtype=[u8, f32, f32] + targets)
+                img = fn.decoders.image_slice(enc, anchor, shape, **slice_args)
             else:
                 if self.is_train:
-                    enc, anchor, shape, flip = fn.external_source(
-                        source=source, num_outputs=4, batch=True,
-                        dtype=[u8, f32, f32, types.INT32])
+                    enc, anchor, shape, flip, labels, valid = fn.external_source(
+                        source=source, num_outputs=6, batch=True,
+                        dtype=[u8, f32, f32, i32] + targets)
                     img = fn.decoders.image_slice(enc, anchor, shape, **slice_args)
                     img = fn.resize(img, size=size, **linear_resize_args())
                 else:
-                    enc, start, end = fn.external_source(
-                        source=source, num_outputs=3, batch=True, dtype=[u8, f32, f32])
+                    enc, start, end, labels, valid = fn.external_source(
+                        source=source, num_outputs=5, batch=True, dtype=[u8, f32, f32] + targets)
                     img = fn.resize(fn.decoders.image(enc, **decode), size=size,
                                     roi_start=start, roi_end=end, roi_relative=False,
                                     **linear_resize_args())
                     flip = 0
-                pipe.set_outputs(fn.crop_mirror_normalize(
+                img = fn.crop_mirror_normalize(
                     img, mirror=flip, mean=list(MEAN_255), std=list(STD_255),
-                    dtype=types.FLOAT16 if cfg.output_dtype == "float16" else types.FLOAT,
-                    output_layout="CHW" if cfg.output_layout == "NCHW" else "HWC"))
+                    dtype=types.FLOAT16 if self.output_dtype == "float16" else types.FLOAT,
+                    output_layout="CHW" if cfg.output_layout == "NCHW" else "HWC")
+            if self.decode_device == "mixed":
+                labels, valid = labels.gpu(), valid.gpu()
+            pipe.set_outputs(img, labels, valid)
         pipe.build()
         return pipe
 
@@ -223,7 +254,7 @@ class DaliLoader(LoaderBase):
         def part(first: int) -> None:
             for k in range(first, len(crops), threads):
                 resize_flip_normalize(np.asarray(crops[k]), size, bool(flips[k]),
-                                      c.output_layout, c.output_dtype, out=batch[k])
+                                      c.output_layout, self.output_dtype, out=batch[k])
         helpers = [self._pool.submit(part, first) for first in range(1, threads)]
         try:
             part(0)
@@ -242,19 +273,20 @@ class DaliLoader(LoaderBase):
         for arr in self._batches:
             if arr.shape == shape and sys.getrefcount(arr) == UNHELD_REFS:
                 return arr
-        arr = np.empty(shape, dtype=self.cfg.output_dtype)
+        arr = np.empty(shape, dtype=self.output_dtype)
         if len(self._batches) < KEPT_BATCHES:
             self._batches.append(arr)
         return arr
 
-    def pipelines(self, epoch: int, idx: np.ndarray, step: int) -> List[tuple]:
+    def pipelines(self, epoch: int, idx: np.ndarray, valid: np.ndarray,
+                  step: int) -> List[tuple]:
         """(feeder, pipeline) pairs that feed steps step.. of `epoch` taking turns: pair k
         feeds steps step + k, step + k + n, ... With one pipeline a core idles whenever
         DALI sits between two batches (its decoder's set-up, the last images of a batch:
         ~7 % of the two cores here); a second pipeline decodes meanwhile (idle ~5 %;
         +3 % img/s for train, +19 % for eval in paired A/B runs)."""
         n = max(1, min(self.pipelines_per_run, self.steps_per_epoch - step))
-        feeders = [_Feeder(self, epoch, idx, step + k, stride=n) for k in range(n)]
+        feeders = [_Feeder(self, epoch, idx, valid, step + k, stride=n) for k in range(n)]
         return [(feeder, self.build_pipeline(feeder)) for feeder in feeders]
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -264,12 +296,12 @@ class DaliLoader(LoaderBase):
         idx, valid = self.plan.batches(epoch)
         step, failures = start_step, 0
         while step < self.steps_per_epoch:
-            pairs, first = self.pipelines(epoch, idx, step), step
+            pairs, first = self.pipelines(epoch, idx, valid, step), step
             try:
                 while step < self.steps_per_epoch:
                     feeder, pipe = pairs[(step - first) % len(pairs)]
                     try:
-                        (out,) = pipe.run()
+                        out, labels, ok = pipe.run()
                     except RuntimeError as err:
                         if not _is_data_error(err):
                             raise  # a bug of ours or of the setup, not a bad file
@@ -277,15 +309,18 @@ class DaliLoader(LoaderBase):
                         self._on_failure(err, feeder, epoch, step, failures)
                         break  # rebuild the pipelines and feed this step again
                     if self.finish_on_host:
-                        images = from_dlpack(self.finish(out, feeder.flips[step]).__dlpack__())
+                        images = from_dlpack(self.finish(out, feeder.flips[step]))
                         # Hand DALI back its outputs now, not at the next run() (0-2 %
                         # more img/s in A/B runs).
                         del out
-                    else:  # stream=None: DALI waits on the host, so paddle can read it
-                        images = from_dlpack(out.as_tensor().__dlpack__(None))
-                    ok = valid[step] * ~feeder.substituted[step]
+                    else:
+                        images = from_dlpack(out.as_tensor())
+                    # from_dlpack speaks the DLPack protocol: for GPU outputs it passes
+                    # Paddle's current stream to DALI's __dlpack__, and DALI makes that
+                    # stream wait for its copy (an event), so the host never blocks.
+                    # (`__dlpack__(None)` would make DALI wait on the host instead.)
+                    labels, ok = from_dlpack(labels.as_tensor()), from_dlpack(ok.as_tensor())
                     feeder.release(step)
-                    labels, ok = self.targets(idx[step], ok)
                     yield images, labels, ok
                     step, failures = step + 1, 0
             finally:

@@ -16,8 +16,9 @@ from ppdpn.data.base import LoaderBase, image_shape, normalize, resize_flip_norm
 from ppdpn.data.check import BadFile, image_header, read_file, size_changed
 from ppdpn.data.plan import eval_geometry
 
-# (sample index, x, y, w, h, flip): one sample's work, decided in the main process.
-Job = Tuple[int, int, int, int, int, int]
+# (sample index, x, y, w, h, flip, counted): one sample's work, decided in the main
+# process; counted is 0 for the plan's padding slots.
+Job = Tuple[int, int, int, int, int, int, int]
 
 
 def _single_threaded_cv2() -> None:
@@ -54,7 +55,7 @@ class _JobDataset:
 
     def transform(self, img: np.ndarray, job: Job) -> np.ndarray:
         import cv2
-        _, x, y, w, h, flip = job
+        _, x, y, w, h, flip, _ = job
         if self.train:
             return resize_flip_normalize(img[y:y + h, x:x + w], self.size, flip,
                                          self.layout, self.dtype)
@@ -64,37 +65,45 @@ class _JobDataset:
         return normalize(img[y0:y0 + self.size, x0:x0 + self.size], self.layout, self.dtype)
 
     def __getitem__(self, job: Job):
-        """(image, ok): ok = 0 when the file failed. Never raised: a raising worker kills
-        the whole DataLoader without naming the file (PLATFORM.md)."""
+        """(image, label, counted, ok): ok = False when the file failed. Never raised: a
+        raising worker kills the whole DataLoader without naming the file (PLATFORM.md)."""
+        label = self.labels[job[0]]
         try:
-            return self.transform(self._decode(job[0]), job), np.int32(1)
+            return self.transform(self._decode(job[0]), job), label, job[6], True
         except Exception:
             return (np.zeros(image_shape(self.layout, self.size, self.size), dtype=self.dtype),
-                    np.int32(0))
+                    label, job[6], False)
 
 
 def _collate(items):
-    imgs, ok = zip(*items)
-    return np.stack(imgs), np.asarray(ok, dtype=np.int32)
+    """(images, labels int64, valid float32, failed slots). The arrays become tensors
+    on the training device in the DataLoader's own thread (pinned memory, asynchronous
+    copy on a GPU), so the training loop makes no host-to-device copy; the failed slots
+    are a tuple of ints, which the DataLoader hands back as a host-side list."""
+    imgs, labels, counted, ok = zip(*items)
+    ok = np.asarray(ok, dtype=bool)
+    valid = np.asarray(counted, dtype=np.float32) * ok
+    return (np.stack(imgs), np.asarray(labels, dtype=np.int64), valid,
+            tuple(int(k) for k in np.nonzero(~ok)[0]))
 
 
 class FallbackLoader(LoaderBase):
     """paddle.io.DataLoader over the plan's batches; a new DataLoader per epoch, so
     worker processes see the current epoch's jobs and the failed-file book."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def dataset(self) -> _JobDataset:
         c = self.cfg
-        self.dataset = _JobDataset(self.samples.paths, self.sizes, self.samples.labels,
-                                   self.is_train, self.image_size, c.resize_short,
-                                   c.output_layout, c.output_dtype)
+        return _JobDataset(self.samples.paths, self.sizes, self.samples.labels, self.is_train,
+                           self.image_size, c.resize_short, c.output_layout, self.output_dtype)
 
-    def jobs(self, epoch: int, idx: np.ndarray, start_step: int) -> List[List[Job]]:
+    def jobs(self, epoch: int, idx: np.ndarray, valid: np.ndarray,
+             start_step: int) -> List[List[Job]]:
         batches = []
-        for row in idx[start_step:]:
+        for row, counted in zip(idx[start_step:], valid[start_step:]):
             win, flips = self.windows(epoch, row)
             win = np.rint(win).astype(np.int64)  # eval windows are unused here (see transform)
-            batches.append([(int(i), *map(int, w), int(f)) for i, w, f in zip(row, win, flips)])
+            batches.append([(int(i), *map(int, w), int(f), int(c))
+                            for i, w, f, c in zip(row, win, flips, counted)])
         return batches
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -105,16 +114,13 @@ class FallbackLoader(LoaderBase):
         if self.cfg.num_workers:
             _single_threaded_cv2()
         loader = paddle.io.DataLoader(
-            self.dataset, batch_sampler=self.jobs(epoch, idx, start_step),
+            self.dataset(), batch_sampler=self.jobs(epoch, idx, valid, start_step),
             num_workers=self.cfg.num_workers, collate_fn=_collate, return_list=True,
             prefetch_factor=self.cfg.prefetch)
-        for step, (images, ok) in enumerate(loader, start_step):
-            ok = ok.numpy().astype(bool)
-            for k in np.nonzero(~ok)[0]:
+        # The DataLoader puts its tensors on the current device (paddle.set_device).
+        for step, (images, labels, keep, failed) in enumerate(loader, start_step):
+            for k in failed:
                 self.record_failure(int(idx[step][k]), self._diagnose(int(idx[step][k])))
-            if self.ctx.use_gpu:
-                images = paddle.to_tensor(images, place=self.place())
-            labels, keep = self.targets(idx[step], valid[step] * ok)
             yield images, labels, keep
 
     def _diagnose(self, sample: int) -> str:
