@@ -8,12 +8,12 @@ Preprocessing is read from DIR/preprocess.json, so it is the one the model was e
 with. Paddle Inference runs with oneDNN on CPU, or on the GPU ppdpn.dist.select_device
 picks. ONNX Runtime uses CUDA only when onnxruntime-gpu is installed.
 
-TensorRT (GPU only, untested in this project's CPU CI): `--trt` turns on Paddle
-Inference's TensorRT subgraph engine with a dynamic batch profile 1..batch-size at the
-exported crop size; `--trt-precision fp16` builds FP16 engines (the seed page's latency
-table is FP32 TensorRT). The first run builds the engines and takes minutes; Paddle 3's
-separate PIR-TRT converter (paddle.tensorrt.convert) is the alternative for ahead-of-time
-engines.
+TensorRT (GPU only, never run in this project's CPU CI): `--trt` converts the exported
+PIR model with Paddle 3's PIR-TensorRT (paddle.tensorrt.convert, see ppdpn/trt.py) with a
+dynamic batch profile 1..batch-size at the exported crop size, prints how many TensorRT
+engines it built, and refuses when it built none or this Paddle has no paddle.tensorrt.
+`--trt-precision fp16` builds FP16 engines (the seed page's latency table is FP32
+TensorRT). The first conversion takes minutes; the result is cached (--trt-cache).
 
 A missing file, a file that is not an image, or a model folder lacking a file is reported
 by name on stderr; the other images are still predicted. Exit status: 0 when at least one
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -34,6 +33,7 @@ import numpy as np
 
 from ppdpn.dist import select_device
 from ppdpn.preprocess import decode_image, transform_from_spec
+from ppdpn.trt import TrtOptions, convert_model
 
 PREPROCESS_FILE = "preprocess.json"
 PADDLE_FILES = ("inference.json", "inference.pdiparams")
@@ -75,39 +75,24 @@ def _load_error(model_dir, files, e: Exception) -> ModelDirError:
                          f"(corrupt or incomplete? re-run python -m ppdpn.export): {first_line}")
 
 
-@dataclass(frozen=True)
-class TrtOptions:
-    """Paddle-TensorRT settings: a dynamic batch profile 1..max_batch at the exported size."""
-    precision: str = "fp32"  # "fp32" or "fp16"
-    max_batch: int = 8
-    crop_size: int = 224
-    input_name: str = "image"
-
-
-def _enable_tensorrt(config, trt: TrtOptions):
-    from paddle.inference import PrecisionType
-    precision = PrecisionType.Half if trt.precision == "fp16" else PrecisionType.Float32
-    # min_subgraph_size 3: every conv-BN-ReLU run is worth an engine; use_static False:
-    # engines are rebuilt per process rather than cached beside a read-only model folder.
-    config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=trt.max_batch,
-                                  min_subgraph_size=3, precision_mode=precision,
-                                  use_static=False, use_calib_mode=False)
-    shape = lambda n: {trt.input_name: [n, 3, trt.crop_size, trt.crop_size]}  # noqa: E731
-    config.set_trt_dynamic_shape_info(shape(1), shape(trt.max_batch), shape(trt.max_batch))
-
-
 def create_paddle_runner(model_dir, device: str = "cpu", threads: Optional[int] = None,
-                         trt: Optional[TrtOptions] = None) -> Runner:
-    """Paddle Inference predictor over DIR/inference.json + .pdiparams, as a callable."""
+                         trt: Optional[TrtOptions] = None, trt_cache=None) -> Runner:
+    """Paddle Inference predictor over DIR/inference.json + .pdiparams, as a callable;
+    with `trt`, over the TensorRT-converted copy of that model (ppdpn.trt)."""
     from paddle import inference
     if trt and not device.startswith("gpu"):
         raise ValueError(f"--trt needs a GPU: TensorRT does not run on CPU (device: {device})")
     model_dir = Path(model_dir)
-    config = inference.Config(str(model_dir / PADDLE_FILES[0]), str(model_dir / PADDLE_FILES[1]))
+    files = [model_dir / PADDLE_FILES[0], model_dir / PADDLE_FILES[1]]
+    if trt:
+        json_path, params, engines = convert_model(model_dir, trt_cache or default_trt_cache(),
+                                                   trt, log=lambda m: print(m, file=sys.stderr))
+        print(f"[trt] {engines} TensorRT engine(s), {trt.precision}, batch 1..{trt.max_batch}: "
+              f"{json_path}", file=sys.stderr)
+        files = [json_path, params]
+    config = inference.Config(str(files[0]), str(files[1]))
     if device.startswith("gpu"):
         config.enable_use_gpu(256, int(device.split(":")[1]))  # 256 MB initial pool; it grows
-        if trt:
-            _enable_tensorrt(config, trt)
     else:
         config.disable_gpu()
         config.enable_mkldnn()  # oneDNN: ~3x faster than plain CPU kernels (PLATFORM.md)
@@ -156,10 +141,15 @@ def create_onnx_runner(model_dir, device: str = "cpu", threads: Optional[int] = 
 
 
 def create_runner(model_dir, backend: str, device: str = "cpu", threads: Optional[int] = None,
-                  trt: Optional[TrtOptions] = None) -> Runner:
+                  trt: Optional[TrtOptions] = None, trt_cache=None) -> Runner:
     if backend == "onnx":
         return create_onnx_runner(model_dir, device, threads)
-    return create_paddle_runner(model_dir, device, threads, trt)
+    return create_paddle_runner(model_dir, device, threads, trt, trt_cache)
+
+
+def default_trt_cache() -> Path:
+    """Converted TensorRT models go here, not into the (maybe read-only) model folder."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ppdpn" / "trt"
 
 
 def list_images(paths: Sequence[str]) -> Tuple[List[Path], List[dict]]:
@@ -231,6 +221,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument("--trt", action="store_true", help="Paddle Inference + TensorRT (GPU only)")
     p.add_argument("--trt-precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--trt-cache", default=None,
+                   help="folder for TensorRT-converted models (default ~/.cache/ppdpn/trt)")
     args = p.parse_args(argv)
     if args.topk < 1 or args.batch_size < 1:
         p.error("--topk and --batch-size must be >= 1")
@@ -248,8 +240,9 @@ def main(argv=None) -> int:
         if args.trt:
             trt = TrtOptions(args.trt_precision, args.batch_size,
                              meta["preprocess"]["crop_size"], meta.get("input_name", "image"))
-        run = create_runner(args.model, args.backend, device, args.threads or None, trt)
-    except (ModelDirError, ValueError, RuntimeError) as e:
+        run = create_runner(args.model, args.backend, device, args.threads or None, trt,
+                            args.trt_cache)
+    except (ModelDirError, ValueError, RuntimeError) as e:  # TrtError is a RuntimeError
         print(f"error: {e}", file=sys.stderr)
         return 2
     files, errors = list_images(args.inputs)
