@@ -119,16 +119,17 @@ def bare_pipe_batches(loader, epoch: int):
     """The same pipelines and feeders, taking turns as in the loader, no DLPack, no
     paddle (CPU: finished to numpy)."""
     idx, valid = loader.plan.batches(epoch)
-    pairs = loader.pipelines(epoch, idx, valid, 0)
+    triples = loader.pipelines(epoch, idx, valid, 0)
     for step in range(loader.steps_per_epoch):
-        feeder, pipe = pairs[step % len(pairs)]
+        feeder, pipe, _ = triples[step % len(triples)]
         out, _, _ = pipe.run()  # images, labels, valid
         if loader.finish_on_host:
             out = loader.finish(out, feeder.flips[step])
         feeder.release(step)
         yield out
-    for feeder, _ in pairs:
+    for feeder, _, _ in triples:
         feeder.close()
+    loader._park(triples)  # reused by the next epoch, as DaliLoader.epoch does
 
 
 def bare_pipe_images(loader, epoch: int):

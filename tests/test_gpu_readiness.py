@@ -5,6 +5,8 @@ the optimizer's first step creates fp32 master copies (Optimizer._create_master_
 On the CPU build decorate is a no-op, so `_o2_model` calls those two steps itself: the
 state it builds is what a GPU run holds after its first step, without a GPU kernel.
 """
+import json
+
 import numpy as np
 import paddle
 import pytest
@@ -204,3 +206,55 @@ def test_trt_engine_count_reads_the_pir_program(exported_tiny, tmp_path):
     assert trt.converted_prefix(copy, tmp_path, opts) == trt.converted_prefix(exported_tiny, tmp_path, opts)
     (copy / "inference.pdiparams").write_bytes(b"\0" + (copy / "inference.pdiparams").read_bytes())
     assert trt.converted_prefix(copy, tmp_path, opts) != trt.converted_prefix(exported_tiny, tmp_path, opts)
+
+
+def test_dali_pipelines_are_built_once_and_serve_every_epoch(tiny_data):
+    """A pipeline is reused by the next epoch when its epoch ran to the end, with the same
+    batches as freshly built ones; an epoch left early rebuilds."""
+    cfg = DataConfig(backend="dali", image_root=str(tiny_data), batch_size=8, num_workers=1,
+                     image_size=16, resize_short=18)
+    loader = build_loader(cfg, "train", dist.DistContext(), seed=0)
+    fresh = build_loader(cfg, "train", dist.DistContext(), seed=0)
+    built = []
+    original = loader.build_pipeline
+    loader.build_pipeline = lambda source: built.append(1) or original(source)
+    for epoch in range(3):
+        for (a, la, va), (b, lb, vb) in zip(loader.epoch(epoch), fresh.epoch(epoch)):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+            np.testing.assert_array_equal(la.numpy(), lb.numpy())
+        fresh._parked.clear()  # the reference builds anew every epoch
+    assert len(built) == 2  # two pipelines taking turns, built in epoch 0 only
+    next(iter(loader.epoch(3)))  # left after one batch: not parked
+    list(loader.epoch(4))
+    assert len(built) == 4
+
+
+def test_gpu_check_on_a_cpu_runs_what_it_can_and_marks_the_rest_not_run(tmp_path):
+    """`python -m ppdpn.gpu_check` on this CPU machine: the CPU-runnable checks pass, every
+    GPU-only one says "not run: no GPU" (never "passed"), exit 0, one JSON line last."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    proc = subprocess.run([sys.executable, "-m", "ppdpn.gpu_check", "--keep", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    status = {c["name"]: c["status"] for c in record["checks"]}
+    gpu_only = ["env.cudnn_flags", "dali.mixed_handoff", "train.loss_scale", "bench.o2_nhwc",
+                "bench.bf16_o1", "bench.o2_recompute", "export.trt_fp32", "export.trt_fp16"]
+    assert all(status[name] == "not run: no GPU" for name in gpu_only), status
+    ran = ["env.run_check", "train.run", "train.ranks_agree", "train.sigusr1_resume",
+           "train.resume_amp_off", "train.eval_only", "bench.fp32_nchw", "bench.real_data",
+           "export.paddle"]
+    assert all(status[name] == "passed" for name in ran), status
+    assert record["gpus"] == 0 and record["failed"] == []
+
+
+def test_gpu_check_counts_a_crashing_check_as_failed(tmp_path):
+    from ppdpn import gpu_check
+
+    def check_broken(node):
+        raise RuntimeError("boom")
+    node = gpu_check.Node(0, tmp_path, "DPNTiny")
+    (result,) = gpu_check.run_checks([check_broken], node)
+    assert result.name == "broken" and result.status == "failed" and "boom" in result.detail

@@ -159,6 +159,17 @@ def decoder_args(device: str) -> dict:
     return args
 
 
+class _Source:
+    """The external source a pipeline keeps for its whole life: it serves the current
+    epoch's feeder, so a pipeline built once runs every epoch (DaliLoader.pipelines)."""
+
+    def __init__(self, feeder: "_Feeder"):
+        self.feeder = feeder
+
+    def __call__(self):
+        return self.feeder()
+
+
 def linear_resize_args() -> dict:
     """fn.resize arguments for bilinear without antialiasing, like cv2.INTER_LINEAR in
     PaddleClas and in our fallback loader."""
@@ -181,6 +192,7 @@ class DaliLoader(LoaderBase):
         self._batches: List[np.ndarray] = []  # see _free_batch
         # Pipelines taking turns (see pipelines): two when DALI decodes on the CPU.
         self.pipelines_per_run = 2 if self.decode_device == "cpu" else 1
+        self._parked: Dict[int, list] = {}  # n -> [(source, pipeline)] at an epoch's end
 
     def pipeline_inputs(self, enc: List[np.ndarray], win: np.ndarray, flips: np.ndarray):
         """Per-sample inputs of the external source, in the order build_pipeline expects
@@ -280,14 +292,40 @@ class DaliLoader(LoaderBase):
 
     def pipelines(self, epoch: int, idx: np.ndarray, valid: np.ndarray,
                   step: int) -> List[tuple]:
-        """(feeder, pipeline) pairs that feed steps step.. of `epoch` taking turns: pair k
-        feeds steps step + k, step + k + n, ... With one pipeline a core idles whenever
-        DALI sits between two batches (its decoder's set-up, the last images of a batch:
-        ~7 % of the two cores here); a second pipeline decodes meanwhile (idle ~5 %;
-        +3 % img/s for train, +19 % for eval in paired A/B runs)."""
+        """(feeder, pipeline, source) triples that feed steps step.. of `epoch` taking
+        turns: triple k feeds steps step + k, step + k + n, ... With one pipeline a core
+        idles whenever DALI sits between two batches (its decoder's set-up, the last
+        images of a batch: ~7 % of the two cores here); a second pipeline decodes
+        meanwhile (idle ~5 %; +3 % img/s for train, +19 % for eval in paired A/B runs).
+
+        Pipelines are built once and reused by the next epoch when an epoch ran to its
+        end (see _park): building one on a GPU allocates nvJPEG's paddings (~200 MiB of
+        device memory per thread), which NVIDIA's and PaddleClas's loaders also do once
+        per run. An epoch left early or broken by a bad file rebuilds them."""
         n = max(1, min(self.pipelines_per_run, self.steps_per_epoch - step))
         feeders = [_Feeder(self, epoch, idx, valid, step + k, stride=n) for k in range(n)]
-        return [(feeder, self.build_pipeline(feeder)) for feeder in feeders]
+        parked = self._parked.pop(n, None)
+        if parked is None:
+            sources = [_Source(feeder) for feeder in feeders]
+            return [(f, self.build_pipeline(src), src) for f, src in zip(feeders, sources)]
+        for feeder, (source, pipe) in zip(feeders, parked):
+            source.feeder = feeder  # first: the reset pipeline prefetches from it at once
+            pipe.reset()
+        return [(f, pipe, source) for f, (source, pipe) in zip(feeders, parked)]
+
+    def _park(self, triples: List[tuple]) -> None:
+        """Keep the pipelines of an epoch that ran to its end for the next one. Each must
+        be at the end of its epoch (its next run() raises StopIteration); one that is not
+        is dropped and rebuilt next time."""
+        for _, pipe, source in triples:
+            try:
+                pipe.run()
+                return  # a batch beyond the epoch: not at its end
+            except StopIteration:
+                source.feeder = None  # release the epoch's feeder and its bytes
+            except RuntimeError:
+                return
+        self._parked[len(triples)] = [(source, pipe) for _, pipe, source in triples]
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Yield (images, labels int64, valid float32) for steps start_step.. of `epoch`."""
@@ -296,10 +334,10 @@ class DaliLoader(LoaderBase):
         idx, valid = self.plan.batches(epoch)
         step, failures = start_step, 0
         while step < self.steps_per_epoch:
-            pairs, first = self.pipelines(epoch, idx, valid, step), step
+            triples, first = self.pipelines(epoch, idx, valid, step), step
             try:
                 while step < self.steps_per_epoch:
-                    feeder, pipe = pairs[(step - first) % len(pairs)]
+                    feeder, pipe, _ = triples[(step - first) % len(triples)]
                     try:
                         out, labels, ok = pipe.run()
                     except RuntimeError as err:
@@ -324,9 +362,11 @@ class DaliLoader(LoaderBase):
                     yield images, labels, ok
                     step, failures = step + 1, 0
             finally:
-                for feeder, _ in pairs:
+                for feeder, _, _ in triples:
                     feeder.close()
-                pairs = pipe = None  # the pipelines go now, not at the next rebuild
+                if step == self.steps_per_epoch:
+                    self._park(triples)
+                triples = pipe = None  # unparked pipelines go now, not at the next rebuild
 
     def _on_failure(self, err: Exception, feeder: _Feeder, epoch: int, step: int,
                     failures: int) -> None:
