@@ -107,7 +107,10 @@ def main(argv=None) -> int:
     if a.write_clean:
         bad = {i for i, _ in problems}
         keep = [i for i in range(len(samples)) if i not in bad]
-        rel = samples.rel_paths or samples.paths
+        if os.path.isdir(resolve_split(a.root, a.list)):  # a class-folder tree: its paths
+            rel = [os.path.relpath(path, a.root) for path in samples.paths]  # to --root
+        else:  # a list file: its lines as written
+            rel = samples.rel_paths or samples.paths
         write_list(a.write_clean, [rel[i] for i in keep], samples.labels[keep])
         print(f"wrote {len(keep)} good lines to {a.write_clean}")
     print(f"checked {len(samples)} files of {samples.source} in {time.time() - start:.1f} s"

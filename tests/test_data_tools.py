@@ -138,3 +138,18 @@ def test_tools_run_as_scripts(tmp_path):
                         "--workers", "1"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert len((out / "train_list.txt").read_text().splitlines()) == 6
+
+
+def test_write_clean_on_a_class_folder_tree_names_files_under_root(tmp_path):
+    """The cleaned list of a class-folder tree is read back relative to --root, as
+    train.py reads DataLoader.train_list: every file it names exists."""
+    for c in ("cat", "dog"):
+        for i in range(3):
+            _jpeg(tmp_path / "train" / c / f"{i}.jpg", seed=i)
+    (tmp_path / "train" / "dog" / "1.jpg").write_bytes(b"")
+    clean = tmp_path / "clean.txt"
+    assert validate.main(["--root", str(tmp_path), "--list", "train", "--workers", "1",
+                          "--write-clean", str(clean)]) == 1
+    samples = read_list(str(clean), str(tmp_path))
+    assert len(samples) == 5 and all(os.path.isfile(p) for p in samples.paths)
+    assert sorted(samples.labels.tolist()) == [0, 0, 0, 1, 1]
