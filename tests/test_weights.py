@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from ppdpn.models import create_model
-from ppdpn.models.weights import (UnsafePickleError, load_pretrained, safe_load,
+from ppdpn.models.weights import (UnsafePickleError, WeightsError, load_pretrained, safe_load,
                                   to_paddleclas_state_dict)
 
 TSV_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paddleclas_state_dicts"
@@ -157,3 +157,20 @@ def test_planted_pickle_is_refused_and_never_runs(tmp_path, protocol):
     with pytest.raises(UnsafePickleError):
         create_model("DPNTiny", num_classes=10, pretrained=str(path))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("layout", ["ours", "paddleclas"])
+def test_weights_of_another_architecture_are_named_as_such(layout, tmp_path):
+    """DPNTiny weights into DenseNetTiny: the error says which registered model the file
+    holds (in either key layout) instead of only listing hundreds of keys."""
+    paddle.seed(0)
+    dpn = create_model("DPNTiny", num_classes=4)
+    state = ({k: v.numpy() for k, v in dpn.state_dict().items()} if layout == "ours"
+             else to_paddleclas_state_dict(dpn, "DPNTiny"))
+    path = tmp_path / "dpntiny.pdparams"
+    paddle.save(state, str(path))
+    with pytest.raises(WeightsError) as err:
+        create_model("DenseNetTiny", num_classes=10, pretrained=str(path))
+    message = str(err.value)
+    assert "the file holds a DPNTiny" in message and "Arch.name=DPNTiny" in message
+    assert message.index("the file holds") < message.index("missing keys")

@@ -165,10 +165,11 @@ def _listing(title: str, items: List[str], limit: int = 20) -> str:
 
 
 def _check_keys(model_state: Dict, weights: Dict, label: Callable[[str], str],
-                where: str) -> List[str]:
+                where: str, as_saved: Optional[Dict] = None) -> List[str]:
     """Raise naming every missing, unexpected or wrongly shaped key; return the keys to skip.
 
     Only a classifier sized for another number of classes (same input width) is skipped.
+    `as_saved` is the file's dict under its own keys (to say which model it holds).
     """
     missing = [f"{label(k)} {_shape(v)}" for k, v in model_state.items() if k not in weights]
     unexpected = [f"{k} {_shape(v)}" for k, v in weights.items() if k not in model_state]
@@ -182,10 +183,41 @@ def _check_keys(model_state: Dict, weights: Dict, label: Callable[[str], str],
         skipped = [weight, bias]
     wrong_listed = [v for k, v in wrong.items() if k not in skipped]
     if missing or unexpected or wrong_listed:
+        other = matching_model(weights if as_saved is None else as_saved)
+        # Said first: the keys below would bury it.
+        hint = (f"the file holds a {other} (every key and shape fit it): set "
+                f"Arch.name={other}; ") if other else ""
         problems = [_listing("missing keys", missing), _listing("unexpected keys", unexpected),
                     _listing("wrong shapes", wrong_listed)]
-        raise WeightsError(f"cannot load {where}: " + "; ".join(p for p in problems if p))
+        raise WeightsError(f"cannot load {where}: {hint}" + "; ".join(p for p in problems if p))
     return skipped
+
+
+def matching_model(weights: Dict) -> Optional[str]:
+    """The registered model whose state_dict has exactly these keys and shapes (ours or
+    PaddleClas's names; the classifier may be sized for other classes), or None. Only
+    for error messages: each model is built under paddle.LazyGuard (shapes, no memory),
+    ~3 s for all of them."""
+    from ppdpn.models import get_model_fn, list_models
+    file_shapes = {k: _shape(v) for k, v in weights.items()}
+    for name in list_models():
+        with paddle.LazyGuard():
+            model = get_model_fn(name)()
+        ours = {k: _shape(v) for k, v in model.state_dict().items()}
+        theirs = {paddleclas_key_map(model, name)[k]: v for k, v in ours.items()}
+        for layout in (ours, theirs):
+            if set(layout) == set(file_shapes) and all(
+                    _fits(k, layout[k], file_shapes[k]) for k in layout):
+                return name
+    return None
+
+
+def _fits(key: str, model_shape: List[int], file_shape: List[int]) -> bool:
+    """Equal shapes, except that a classifier ([in, classes] + [classes]: ours `fc.`,
+    PaddleClas's `out.`) may have another number of classes."""
+    if key in CLASSIFIER_KEYS or key in ("out.weight", "out.bias"):
+        return model_shape[:-1] == file_shape[:-1]
+    return model_shape == file_shape
 
 
 def load_pretrained(model: paddle.nn.Layer, path, name: Optional[str] = None) -> List[str]:
@@ -197,7 +229,7 @@ def load_pretrained(model: paddle.nn.Layer, path, name: Optional[str] = None) ->
     sized for a different number of classes: it keeps its fresh initialisation.
     """
     name = name or type(model).__name__
-    weights = _weights_in(safe_load(path), path)
+    weights = as_saved = _weights_in(safe_load(path), path)
     model_state = model.state_dict()
     key_map = paddleclas_key_map(model, name)
     theirs_to_ours = {v: k for k, v in key_map.items()}
@@ -206,7 +238,7 @@ def load_pretrained(model: paddle.nn.Layer, path, name: Optional[str] = None) ->
         # PaddleClas layout. Errors use its names (an unexpected key keeps its own).
         weights = {theirs_to_ours.get(k, k): v for k, v in weights.items()}
         label = key_map.get
-    skipped = _check_keys(model_state, weights, label, f"{path} into {name}")
+    skipped = _check_keys(model_state, weights, label, f"{path} into {name}", as_saved)
     if skipped:
         logger.warning("%s: classifier not loaded from %s (file %s vs model %s); "
                        "all other %d tensors loaded", name, path, _shape(weights["fc.weight"]),
