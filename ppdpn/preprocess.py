@@ -1,6 +1,6 @@
 """The evaluation transform in numpy + OpenCV: the reference for predict and the loaders.
 
-It is PaddleClas's eval pipeline (FACTS.md §5): decode to RGB; cv2.resize with
+It is PaddleClas's eval pipeline (docs/reference.md §5): decode to RGB; cv2.resize with
 INTER_LINEAR (no antialiasing) so the short side becomes `resize_short`, each side
 rounded with Python's round(); centre crop at ((W-crop)//2, (H-crop)//2);
 (x/255 - mean)/std in float32; HWC -> CHW. Exported models carry these numbers in
