@@ -205,7 +205,7 @@ def log_sample_images(loader, log, cfg) -> None:
     """A few augmented training inputs to VisualDL at the start of a run."""
     if log.writer is None:
         return
-    from ppdpn.data.base import IMAGENET_MEAN, IMAGENET_STD  # lazy: data imports paddle
+    from ppdpn.preprocess import IMAGENET_MEAN, IMAGENET_STD
     for images, _, _ in loader.epoch(0):
         arr = images.numpy()
         if cfg.DataLoader.output_layout == "NHWC":

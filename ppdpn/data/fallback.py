@@ -14,7 +14,7 @@ import numpy as np
 
 from ppdpn.data.base import LoaderBase, image_shape, normalize, resize_flip_normalize
 from ppdpn.data.check import BadFile, image_header, read_file, size_changed
-from ppdpn.data.plan import eval_geometry
+from ppdpn.preprocess import eval_geometry
 
 # (sample index, x, y, w, h, flip): one sample's work, decided in the main process.
 Job = Tuple[int, int, int, int, int, int]
