@@ -40,7 +40,9 @@ def _nothing(*args) -> None:
 @dataclass(frozen=True)
 class Hooks:
     """What the loop tells the run, and the one thing it asks it."""
-    progress: Callable = _nothing     # (state, steps in the window, {loss, data_s, ...})
+    # (state, steps in the window, {loss, data_s, compute_s, loss_scale}); compute_s is
+    # the window's wall time but the data wait, so it includes the hooks' own time
+    progress: Callable = _nothing
     overflow: Callable = _nothing     # (state, AMP steps skipped in the window)
     after_step: Callable = _nothing   # (state): e.g. the every-N-steps checkpoint
     stop_requested: Callable[[], bool] = lambda: False  # this rank's own flag
