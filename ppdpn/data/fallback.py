@@ -65,7 +65,7 @@ class _JobDataset:
 
     def __getitem__(self, job: Job):
         """(image, ok): ok = 0 when the file failed. Never raised: a raising worker kills
-        the whole DataLoader without naming the file (PLATFORM.md)."""
+        the whole DataLoader without naming the file (docs/reference.md §8)."""
         try:
             return self.transform(self._decode(job[0]), job), np.int32(1)
         except Exception:
