@@ -10,24 +10,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import signal
 import sys
-from functools import partial
+from dataclasses import dataclass
 
+import numpy as np
+import paddle
 
 from ppdpn import dist
-from ppdpn.checkpoint import CheckpointError
-from ppdpn.config import ConfigError, load_config, save_resolved
+from ppdpn.checkpoint import CheckpointError, CheckpointWriteError, Saver
+from ppdpn.config import Config, ConfigError, load_config, save_resolved
+from ppdpn.data.augment import BatchAugment
 from ppdpn.data.lists import DataSetError
-from ppdpn.engine import (NonFiniteLossError, TrainState, build_amp, evaluate, optimizer_steps,
-                          train_one_epoch)
-from ppdpn.logging import RunLogger
+from ppdpn.engine import (Amp, Hooks, NonFiniteLossError, Outcome, TrainState, build_amp,
+                          evaluate, non_finite, optimizer_steps, train_one_epoch)
+from ppdpn.logging import Progress, RunLogger, log_sample_images
 from ppdpn.models import create_model
 from ppdpn.models.weights import UnsafePickleError, WeightsError
-from ppdpn.optim import ScheduleLR, build_optimizer, build_schedule, lr_scale
-from ppdpn import session
+from ppdpn.optim import ScheduleLR, build_training, lr_scale
+from ppdpn.requeue import StopSignal, checkpoint_for_requeue
 
-EXIT_CONFIG, EXIT_NONFINITE, EXIT_SAVE, EXIT_REQUEUE = 2, 3, 4, 75
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_SAVE = 2, 3, 4
+# The errors a run ends with on purpose, and their exit codes (the most specific class
+# wins); anything else is a bug and ends with Python's traceback and exit 1.
+EXIT_CODES = {ConfigError: EXIT_CONFIG, DataSetError: EXIT_CONFIG, WeightsError: EXIT_CONFIG,
+              UnsafePickleError: EXIT_CONFIG, CheckpointError: EXIT_CONFIG,
+              CheckpointWriteError: EXIT_SAVE, NonFiniteLossError: EXIT_NONFINITE}
+
+
+def exit_code(error: BaseException) -> int:
+    return next(EXIT_CODES[cls] for cls in type(error).__mro__ if cls in EXIT_CODES)
 
 
 def parse_args(argv=None):
@@ -45,14 +59,22 @@ def parse_args(argv=None):
     return args
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and Paddle. Deterministic GPU kernels are a cuDNN flag, set with
+    the others by dist.gpu_flags (CPU kernels are deterministic as they are)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)
     # Installed before the slow set-up so an early SIGUSR1/SIGTERM is not lost.
-    stopper = session.StopSignal(signal.SIGUSR1, signal.SIGTERM)
+    stopper = StopSignal(signal.SIGUSR1, signal.SIGTERM)
     ctx = dist.init_distributed(cfg.Global.device, amp=cfg.AMP.use_amp,
                                 deterministic=cfg.Global.deterministic)
-    session.seed_everything(cfg.Global.seed)
+    seed_everything(cfg.Global.seed)
     log = RunLogger(cfg.Global.output_dir, ctx.is_main, use_visualdl=cfg.Global.visualdl and not args.eval_only)
     log.info(f"[run] rank {ctx.rank}/{ctx.world_size} on {ctx.device}; config {args.config}")
 
@@ -77,123 +99,133 @@ def main(argv=None) -> int:
         metrics = evaluate(dist.wrap_model(model), val_loader, amp)
         print(json.dumps(metrics), flush=True)
         return 0
+    run, state = prepare_training(cfg, ctx, model, amp, val_loader, stopper, log)
+    return fit(run, state)
 
+
+@dataclass(frozen=True)
+class Run:
+    """What fit works with, set up once by prepare_training."""
+    cfg: Config
+    ctx: dist.DistContext
+    model: object          # unwrapped: BN averaging, checksums, checkpoints
+    model_dp: object       # wrapped for data parallelism: training and eval
+    optimizer: object
+    lr_sched: ScheduleLR
+    amp: Amp
+    train_loader: object
+    val_loader: object
+    steps_per_epoch: int   # optimizer steps: Global.accum_steps batches each
+    global_batch: int
+    stopper: StopSignal
+    log: RunLogger
+
+
+def prepare_training(cfg, ctx, model, amp, val_loader, stopper, log):
+    """Loader, schedule, optimizer, resume, the resolved config on disk: (Run, TrainState)."""
+    from ppdpn.data import build_loader
+    from ppdpn.resume import resume
     train_loader = build_loader(cfg.DataLoader, "train", ctx, cfg.Global.seed, cfg.Arch.class_num)
-    # Steps are optimizer steps: Global.accum_steps batches each.
     steps_per_epoch = optimizer_steps(train_loader.steps_per_epoch, cfg.Global.accum_steps)
-    global_batch = session.global_batch(cfg)
-    schedule = build_schedule(cfg.Optimizer.lr, cfg.Global.epochs, steps_per_epoch, global_batch)
-    derived = {"world_size": ctx.world_size, "global_batch": global_batch,
-               "lr_scale": lr_scale(cfg.Optimizer.lr, global_batch), "base_lr": schedule.base_lr,
-               "steps_per_epoch": steps_per_epoch, "train_images": train_loader.num_samples}
+    training = build_training(cfg, model, amp, steps_per_epoch, cfg.Global.epochs)
+    lr_sched = training.lr_sched
+    derived = {"world_size": ctx.world_size, "global_batch": training.global_batch,
+               "lr_scale": lr_scale(cfg.Optimizer.lr, training.global_batch),
+               "base_lr": lr_sched.schedule.base_lr, "steps_per_epoch": steps_per_epoch,
+               "train_images": train_loader.num_samples}
     log.info("[run] derived: " + json.dumps(derived))
-
-    multi_precision = amp.enabled
     state = TrainState()
-    lr_sched = ScheduleLR(schedule)
-    optimizer = build_optimizer(model, cfg.Optimizer, lr_sched, multi_precision)
-    model, optimizer = amp.decorate(model, optimizer)  # O2: fp16/bf16 weights, fp32 masters
-    resumed = session.resume(cfg, model, optimizer, amp, state, steps_per_epoch, log=log.info)
-    lr_sched.last_epoch = state.global_step - 1
-    lr_sched.step()  # recompute the LR for the resumed step
+    resumed = resume(cfg, training.model, training.optimizer, amp, state, steps_per_epoch, log=log.info)
+    lr_sched.seek(state.global_step)
     log.info(f"[run] starting at global step {state.global_step} of "
              f"{cfg.Global.epochs * steps_per_epoch}, LR {lr_sched.get_lr():.8g}")
     if ctx.is_main:
         save_resolved(cfg, cfg.Global.output_dir, {**derived, "resumed_from": resumed})
         log.text("config", json.dumps(cfg.to_dict(), indent=1))
-    dist.broadcast_params(model)
-    model_dp, optimizer = dist.wrap_model(model), dist.wrap_optimizer(optimizer)
+    dist.broadcast_params(training.model)
+    run = Run(cfg, ctx, training.model, dist.wrap_model(training.model),
+              dist.wrap_optimizer(training.optimizer), lr_sched, amp, train_loader, val_loader,
+              steps_per_epoch, training.global_batch, stopper, log)
+    return run, state
 
-    return fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader,
-               steps_per_epoch, val_loader, stopper, log)
 
-
-def fit(cfg, ctx, model, model_dp, optimizer, lr_sched, amp, state, train_loader,
-        steps_per_epoch, val_loader, stopper, log) -> int:
-    """Epochs of train / eval / checkpoint until done, stopped or failed;
-    `steps_per_epoch` counts optimizer steps (Global.accum_steps batches each)."""
-    from ppdpn.data import mix_batch
-    g = cfg.Global
-    saver = session.Saver(cfg, model, optimizer, amp, log, steps_per_epoch)
-    clock = session.Progress(cfg, steps_per_epoch, lr_sched, state, log)
+def fit(run: Run, state: TrainState) -> int:
+    """Epochs of train / eval / checkpoint until done, stopped or failed."""
+    saver = Saver(run.cfg, run.model, run.optimizer, run.amp, run.log, run.steps_per_epoch)
+    progress = Progress(run.cfg, run.steps_per_epoch, run.global_batch, run.lr_sched, state, run.log)
+    hooks = Hooks(progress=progress.report, overflow=progress.overflow,
+                  after_step=saver.maybe_save_steps, stop_requested=lambda: run.stopper.flag)
+    augment = BatchAugment.from_config(run.cfg)
     if state.global_step == 0:
-        session.log_sample_images(train_loader, log, cfg)
+        log_sample_images(run.train_loader, run.log, run.cfg)
     metrics = None
     try:
-        while state.epoch < g.epochs:
-            outcome = train_one_epoch(
-                model_dp, train_loader, optimizer, lr_sched, amp, state,
-                num_classes=cfg.Arch.class_num, seed=g.seed,
-                mix=partial(mix_batch, data_format=cfg.DataLoader.output_layout),
-                label_smoothing=cfg.Loss.label_smoothing, mixup_alpha=cfg.DataLoader.mixup_alpha,
-                cutmix_alpha=cfg.DataLoader.cutmix_alpha, print_interval=g.print_interval,
-                max_skipped=g.max_skipped_steps, stop_requested=lambda: stopper.flag,
-                on_step=saver.maybe_save_steps, log_progress=clock.report, max_steps=g.max_steps,
-                accum_steps=g.accum_steps)
-            if outcome == "stopped":
-                return checkpoint_for_requeue(stopper, saver, state, log)
-            if outcome == "epoch_end":
-                state.epoch += 1
-                state.step_in_epoch = 0
-            last = state.epoch >= g.epochs or outcome == "max_steps"
-            metrics = None
-            if last or state.epoch % g.eval_interval == 0:
-                dist.average_buffers(model)
-                metrics = evaluate(amp.eval_model(model_dp, optimizer), val_loader, amp)
-                session.check_finite_eval(metrics, state)
-                log.scalars("eval", state.global_step, {k: metrics[k] for k in ("loss", "top1", "top5")})
-            clock.end_epoch(metrics)
-            is_best = metrics is not None and metrics["top1"] > state.best_metric
-            if is_best:
-                state.best_metric = metrics["top1"]
-            if last or state.epoch % g.save_interval == 0 or is_best:
-                saver.save(state, is_best=is_best)
-            if outcome == "max_steps":
+        while state.epoch < run.cfg.Global.epochs:
+            outcome = train_one_epoch(run.model_dp, run.train_loader, run.optimizer, run.lr_sched,
+                                      run.amp, state, run.cfg.Global, augment, hooks)
+            if outcome is Outcome.STOPPED:
+                return checkpoint_for_requeue(run.stopper, saver, state, run.log)
+            metrics = end_epoch(run, state, outcome, saver, progress)
+            if outcome is Outcome.MAX_STEPS:
                 break
-    except NonFiniteLossError as e:
-        log.info(f"[error] {e}. No checkpoint was written after the last good one.")
-        return EXIT_NONFINITE
-    except CheckpointError as e:
-        log.info(f"[error] {e}")
-        return EXIT_SAVE
+    except (NonFiniteLossError, CheckpointError) as e:
+        hint = ". No checkpoint was written after the last good one." if isinstance(
+            e, NonFiniteLossError) else ""
+        run.log.info(f"[error] {e}{hint}")
+        return exit_code(e)
     finally:
-        if not stopper.flag:
-            stopper.restore()
-    if metrics is None:
-        dist.average_buffers(model)
-        metrics = evaluate(amp.eval_model(model_dp, optimizer), val_loader, amp)
-    agree = dist.ranks_agree(dist.weights_checksum(model))
-    log.info(f"[run] weights identical on all {ctx.world_size} ranks: {agree}")
-    plot = log.plot_curves()
-    log.info(f"[run] done: checkpoints in {saver.ckpt_dir}, VisualDL logs in "
-             f"{cfg.Global.output_dir}/vdl, curves {plot}")
-    log.close()
-    if ctx.is_main:
+        if not run.stopper.flag:
+            run.stopper.restore()
+    return finish(run, saver, metrics or validate(run, state))
+
+
+def end_epoch(run: Run, state: TrainState, outcome: Outcome, saver, progress):
+    """Evaluate and checkpoint as the recipe asks; the eval metrics, or None."""
+    g = run.cfg.Global
+    if outcome is Outcome.EPOCH_END:
+        state.epoch += 1
+        state.step_in_epoch = 0
+    last = state.epoch >= g.epochs or outcome is Outcome.MAX_STEPS
+    metrics = None
+    if last or state.epoch % g.eval_interval == 0:
+        metrics = validate(run, state)
+        run.log.scalars("eval", state.global_step, {k: metrics[k] for k in ("loss", "top1", "top5")})
+    progress.end_epoch(metrics)
+    is_best = metrics is not None and metrics["top1"] > state.best_metric
+    if is_best:
+        state.best_metric = metrics["top1"]
+    if last or state.epoch % g.save_interval == 0 or is_best:
+        saver.save(state, is_best=is_best)
+    return metrics
+
+
+def validate(run: Run, state: TrainState) -> dict:
+    """Every val image once, with the BN statistics averaged over the ranks first."""
+    dist.average_buffers(run.model)
+    # fp32 eval of an O2 model: an fp32 copy of the optimizer's master weights (Amp.eval_model)
+    metrics = evaluate(run.amp.eval_model(run.model_dp, run.optimizer), run.val_loader, run.amp)
+    # Finite weights can still compute NaN (e.g. BN statistics grown huge): such a model
+    # must not become a checkpoint, as best or otherwise.
+    if not math.isfinite(metrics["loss"]):
+        raise non_finite(f"eval loss is non-finite after step {state.global_step}")
+    return metrics
+
+
+def finish(run: Run, saver: Saver, metrics: dict) -> int:
+    agree = dist.ranks_agree(dist.weights_checksum(run.model))
+    run.log.info(f"[run] weights identical on all {run.ctx.world_size} ranks: {agree}")
+    plot = run.log.plot_curves()
+    run.log.info(f"[run] done: checkpoints in {saver.ckpt_dir}, VisualDL logs in "
+                 f"{run.cfg.Global.output_dir}/vdl, curves {plot}")
+    run.log.close()
+    if run.ctx.is_main:
         print(json.dumps(metrics), flush=True)
     return 0
-
-
-def checkpoint_for_requeue(stopper, saver, state, log) -> int:
-    """All ranks stopped at the same step (a signal reached one of them): rank 0 saves
-    that step, then every rank exits EXIT_REQUEUE."""
-    who = stopper.name or "a signal to another rank"
-    # The launcher SIGTERMs the other ranks as soon as one exits 75: ignore that
-    # (SIG_IGN survives interpreter shutdown) and exit together after the save.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    saver.save(state, reason=who)
-    dist.barrier()
-    log.info(f"[run] stopped by {who} at step {state.global_step}; "
-             f"checkpointed, exit {EXIT_REQUEUE} (requeue)")
-    return EXIT_REQUEUE
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except (DataSetError, CheckpointError, WeightsError, UnsafePickleError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+    except tuple(EXIT_CODES) as e:
+        print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
+        sys.exit(exit_code(e))

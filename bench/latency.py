@@ -8,7 +8,7 @@ DIR is a folder written by `python -m ppdpn.export`. For each model: random inpu
 exported crop size (224 by default), warm-up calls, then `repeat` rounds in which every
 (batch size, backend) pair is timed once, the two backends in alternating order, so
 drifting clock speed or a noisy neighbour hits both alike. Reported: the median ms per
-batch, as in the seed page's table (FACTS.md §6, which is TensorRT FP32 on a V100/T4),
+batch, as in the seed page's table (docs/reference.md §6, which is TensorRT FP32 on a V100/T4),
 and the ratio Paddle / ONNX Runtime (> 1: ONNX Runtime is faster). The last stdout line
 is one JSON object; it also holds the fastest call and the load average, because a busy
 machine inflates medians.

@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # runnable as `python bench/soak.py` from a checkout
+sys.path.insert(1, str(ROOT / "tests"))  # launcher_workers: a test helper (psutil)
 
 FAULTS = ("kill9", "sigusr1", "sigterm_ranks", "sigterm_launcher")
 PROGRESS_RE = re.compile(r"^epoch (\d+)/\d+ step (\d+)/(\d+) ", re.M)
@@ -101,7 +102,7 @@ def _signal(pid: int, sig) -> None:
 
 def run_job(cmd, env, log_dir: Path, nproc: int, fault_at, kind, rng) -> dict:
     """One launch; a fault `fault_at` s after training starts (None: no fault)."""
-    from ppdpn.dist import launcher_workers
+    from launcher import launcher_workers
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
     job = {"fault": None, "rc": None}

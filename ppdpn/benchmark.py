@@ -4,8 +4,9 @@ The step is train_one_epoch's own (autocast, scaler, optimizer, Fleet wrapper), 
 one fixed in-memory batch (no I/O: the model's speed) or, with --real-data, the configured
 loader (the pipeline's speed too). The result is one JSON object:
 
-- img_s: global images per second over the timed steps (batch x world size / median step);
-- step_ms: median wall time of a timed step; data_wait_ms: median wait for the next batch;
+- img_s: global images per second over the timed steps (global batch: batch x world size
+  x Global.accum_steps, over the median step);
+- step_ms: median wall time of a timed step; data_wait_ms: median wait for a step's batches;
 - cpu_ms: median CPU time (all threads of this process) of a timed step: steadier than
   wall time where other jobs share the cores;
 - peak_mem_mb: on a GPU the device's max allocated bytes; on a CPU the process's peak
@@ -21,14 +22,15 @@ from __future__ import annotations
 
 import resource
 import time
-from functools import partial
+from dataclasses import replace
 
 import numpy as np
 import paddle
 
 from ppdpn import dist
-from ppdpn.engine import TrainState, train_one_epoch
-from ppdpn.optim import ScheduleLR, build_optimizer, build_schedule
+from ppdpn.data.augment import BatchAugment
+from ppdpn.engine import Hooks, TrainState, train_one_epoch
+from ppdpn.optim import build_training
 
 
 class SyntheticLoader:
@@ -110,19 +112,17 @@ def benchmark_loader(cfg, ctx, real_data: bool, steps: int):
 
 
 def run_benchmark(cfg, model, amp, ctx, real_data=False, warmup=5, steps=20) -> dict:
-    """Train `warmup` + `steps` steps; time the last `steps`. Returns the JSON record."""
-    from ppdpn.data.augment import mix_batch
-    d = cfg.DataLoader
-    loader = benchmark_loader(cfg, ctx, real_data, warmup + steps)
-    schedule = build_schedule(cfg.Optimizer.lr, 1, warmup + steps, d.batch_size * ctx.world_size)
-    lr_sched = ScheduleLR(schedule)
-    optimizer = build_optimizer(model, cfg.Optimizer, lr_sched, amp.enabled)
-    model, optimizer = amp.decorate(model, optimizer)
-    model_dp, optimizer = dist.wrap_model(model), dist.wrap_optimizer(optimizer)
+    """Train `warmup` + `steps` optimizer steps (Global.accum_steps batches each); time
+    the last `steps`. Returns the JSON record."""
+    d, total = cfg.DataLoader, warmup + steps
+    loader = benchmark_loader(cfg, ctx, real_data, total * cfg.Global.accum_steps)
+    training = build_training(cfg, model, amp, steps_per_epoch=total, epochs=1)
+    model_dp = dist.wrap_model(training.model)
+    optimizer = dist.wrap_optimizer(training.optimizer)
     memory = MemoryMeter(ctx.use_gpu)
     stamps, cpu, waits = [], [], []
 
-    def on_step(state):
+    def after_step(state):
         if ctx.use_gpu:
             paddle.device.synchronize()  # time finished work, not queued kernels
         stamps.append(time.perf_counter())
@@ -130,28 +130,23 @@ def run_benchmark(cfg, model, amp, ctx, real_data=False, warmup=5, steps=20) -> 
         if state.global_step == warmup:
             memory.start()
 
-    def on_window(state, count, values):
-        if count:
-            waits.append(values["data_s"] / count)
-
     if warmup == 0:
         memory.start()
     stamps.append(time.perf_counter())
     cpu.append(time.process_time())
     # Synthetic: one progress window (one host sync) for the whole run, as in training
     # with a long print interval. Real data: a window per step, to see each step's wait.
-    train_one_epoch(model_dp, loader, optimizer, lr_sched, amp, TrainState(),
-                    num_classes=cfg.Arch.class_num, seed=cfg.Global.seed,
-                    mix=partial(mix_batch, data_format=d.output_layout),
-                    label_smoothing=cfg.Loss.label_smoothing, mixup_alpha=d.mixup_alpha,
-                    cutmix_alpha=d.cutmix_alpha,
-                    print_interval=1 if real_data else warmup + steps, max_skipped=10**9,
-                    stop_requested=lambda: False, on_step=on_step, log_progress=on_window,
-                    max_steps=warmup + steps)
+    run = replace(cfg.Global, print_interval=1 if real_data else total, max_steps=total,
+                  max_skipped_steps=10**9)
+    hooks = Hooks(progress=lambda state, count, values: waits.append(values["data_s"] / count),
+                  after_step=after_step)
+    train_one_epoch(model_dp, loader, optimizer, training.lr_sched, amp, TrainState(), run,
+                    BatchAugment.from_config(cfg), hooks)
     step_s = np.diff(stamps)[warmup:]
     med = float(np.median(step_s))
     return {"model": cfg.Arch.name, "batch_per_device": d.batch_size, "image_size": d.image_size,
-            "world_size": ctx.world_size, "img_s": round(d.batch_size * ctx.world_size / med, 2),
+            "world_size": ctx.world_size, "accum_steps": cfg.Global.accum_steps,
+            "img_s": round(training.global_batch / med, 2),
             "step_ms": round(1000 * med, 2),
             "cpu_ms": round(1000 * float(np.median(np.diff(cpu)[warmup:])), 2),
             "data_wait_ms": round(1000 * float(np.median(waits[warmup:] or [0.0])), 3),

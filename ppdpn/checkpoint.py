@@ -1,4 +1,4 @@
-"""One checkpoint format, one atomic save, verified loads and auto-resume.
+"""One checkpoint format, one atomic save, verified loads, and the run's Saver.
 
 Layout under `<output_dir>/checkpoints/`:
   ckpt-<global_step>.pdckpt   pickled dict of numpy arrays and plain Python values
@@ -15,12 +15,18 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import re
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import paddle
+
+from ppdpn import dist
+from ppdpn.config import code_version
+from ppdpn.engine import non_finite
+from ppdpn.optim import global_batch
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)\.pdckpt$")
 # Files atomic_write_bytes writes aside; a process killed mid-write leaves one behind.
@@ -29,6 +35,11 @@ TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be trusted or written; the message names the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, permissions): the run's fault is
+    the storage, not its input."""
 
 
 # ---------------------------------------------------------------- atomic files
@@ -59,7 +70,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             tmp.unlink()
         except OSError:
             pass
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+        raise CheckpointWriteError(f"cannot write {path}: {e.strerror or e}") from e
     _fsync_dir(path.parent)
 
 
@@ -177,7 +188,7 @@ def save_checkpoint(state: dict, ckpt_dir, keep_last: int = 3, is_best: bool = F
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create checkpoint directory {ckpt_dir}: {e.strerror}") from e
+        raise CheckpointWriteError(f"cannot create checkpoint directory {ckpt_dir}: {e.strerror}") from e
     data = pickle.dumps(to_numpy_tree(state), protocol=4)
     name = f"ckpt-{int(state['global_step']):08d}.pdckpt"
     path = ckpt_dir / name
@@ -335,3 +346,92 @@ def latest_checkpoint(out_or_ckpt_dir, log=print) -> Optional[Path]:
             return path
         log(f"[checkpoint] skipping {path}: {reason}")
     return None
+
+
+# ---------------------------------------------------------------- what a run saves
+
+def rng_states() -> dict:
+    """numpy's and Python's global RNG states as plain lists (the pickle holds no objects)."""
+    st = np.random.get_state()
+    return {"numpy": [st[0], st[1], int(st[2]), int(st[3]), float(st[4])],
+            "python": list(random.getstate()[1]), "python_version": random.getstate()[0]}
+
+
+def set_rng_states(states: dict) -> None:
+    """Back to the numpy and Python RNG states rng_states() recorded."""
+    if not states:
+        return
+    n = states["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    random.setstate((states["python_version"], tuple(states["python"]), None))
+
+
+def build_state_dict(cfg, model, optimizer, amp, state, steps_per_epoch: int) -> dict:
+    """Everything a resume needs, as numpy arrays and plain values."""
+    m = dist.unwrap(model)
+    world = dist.context().world_size
+    return {
+        "model": fp32_weights(m, optimizer),
+        "optimizer": optimizer_state(inner_optimizer(optimizer), m),
+        "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
+        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+        "global_step": state.global_step, "best_metric": state.best_metric,
+        "rng": rng_states(), "config": cfg.to_dict(), "code_version": code_version(),
+        "world_size": world,
+        # The position in the epoch is in steps of this batch (resume on another
+        # world size converts it, see resume.reposition()).
+        "global_batch": global_batch(cfg), "steps_per_epoch": steps_per_epoch,
+        "arch": cfg.Arch.name,
+    }
+
+
+def _check_finite_weights(model, state) -> None:
+    flags = [paddle.isfinite(p).all().astype("int32") for p in dist.unwrap(model).parameters()]
+    if int(paddle.stack(flags).sum().item()) != len(flags):
+        raise non_finite(f"weights are non-finite after step {state.global_step}")
+
+
+class Saver:
+    """Collective BN sync + rank-0 atomic checkpoint writes."""
+
+    def __init__(self, cfg, model, optimizer, amp, log, steps_per_epoch: int):
+        self.cfg, self.model, self.optimizer, self.amp, self.log = cfg, model, optimizer, amp, log
+        self.steps_per_epoch = steps_per_epoch
+        self.ckpt_dir = Path(cfg.Global.output_dir) / "checkpoints"
+
+    def maybe_save_steps(self, state) -> None:
+        n = self.cfg.Global.save_steps
+        if n and state.global_step % n == 0:
+            self.save(state, reason=f"every {n} steps")
+
+    def save(self, state, is_best: bool = False, reason: str = "") -> None:
+        _check_finite_weights(self.model, state)  # never replace a good checkpoint with NaNs
+        dist.average_buffers(self.model)  # all ranks: checkpoint the averaged BN statistics
+        if not dist.context().is_main:
+            return
+        try:
+            blob = build_state_dict(self.cfg, self.model, self.optimizer, self.amp, state,
+                                    self.steps_per_epoch)
+            path = save_checkpoint(blob, self.ckpt_dir, self.cfg.Global.keep_last, is_best,
+                                   log=self.log.info)
+            if is_best:
+                self._write_paddleclas_best()
+        except CheckpointError as e:
+            if self.cfg.Global.on_save_error == "stop":
+                raise
+            self.log.info(f"[checkpoint] save failed, continuing (Global.on_save_error=continue): {e}")
+            return
+        self.log.info(f"[checkpoint] {path}" + (f" ({reason})" if reason else "") + (" best" if is_best else ""))
+
+    def _write_paddleclas_best(self) -> None:
+        """The best weights also in PaddleClas's .pdparams layout, for PaddleClas users."""
+        from ppdpn.models.weights import to_paddleclas_state_dict
+        out = Path(self.cfg.Global.output_dir) / "best_model.pdparams"
+        tmp = out.with_name(f".{out.name}.tmp")
+        try:
+            model = dist.unwrap(self.model)
+            weights = fp32_weights(model, self.optimizer)  # fp32 at any AMP level
+            paddle.save(to_paddleclas_state_dict(model, self.cfg.Arch.name, weights), str(tmp))
+            os.replace(tmp, out)
+        except OSError as e:
+            raise CheckpointWriteError(f"cannot write {out}: {e}") from e

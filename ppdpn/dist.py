@@ -67,26 +67,6 @@ def env_rank_world() -> tuple:
     return rank, world, local
 
 
-def launcher_workers(launcher_pid: int) -> dict:
-    """{rank: pid} of the train.py processes a paddle.distributed.launch process has
-    started so far (found by their PADDLE_TRAINER_ID); {} once the launcher is gone.
-    For tools that signal one rank: the soak benchmark and the tests."""
-    import psutil
-    try:
-        children = psutil.Process(launcher_pid).children(recursive=True)
-    except psutil.Error:
-        return {}
-    found = {}
-    for child in children:
-        try:
-            rank = child.environ().get("PADDLE_TRAINER_ID")
-            if rank is not None and "train.py" in " ".join(child.cmdline()):
-                found[int(rank)] = child.pid
-        except psutil.Error:
-            continue  # exited meanwhile
-    return found
-
-
 def gpu_flags(amp: bool, deterministic: bool) -> dict:
     """Every cuDNN setting a run makes, decided here from (amp, deterministic). The CPU
     build does not define these flags; init_distributed sets them on a GPU only.

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import copy
+import enum
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Callable, Optional
 
 import numpy as np
@@ -12,11 +14,39 @@ import paddle
 import paddle.nn.functional as F
 
 from ppdpn import dist
-from ppdpn.config import AMPConfig
+from ppdpn.config import AMPConfig, GlobalConfig
 
 
 class NonFiniteLossError(RuntimeError):
     """Loss became NaN/inf (fp32) or AMP skipped too many steps in a row."""
+
+
+def non_finite(what: str) -> NonFiniteLossError:
+    """The error for a non-finite loss, weight or eval loss, with what to try."""
+    return NonFiniteLossError(f"{what}; lower Optimizer.lr.learning_rate, add warmup "
+                              f"(Optimizer.lr.warmup_epoch) or check the data")
+
+
+class Outcome(str, enum.Enum):
+    """Why train_one_epoch returned (a str, so it compares equal to its value)."""
+    EPOCH_END = "epoch_end"
+    STOPPED = "stopped"      # a stop signal reached some rank; all stopped at this step
+    MAX_STEPS = "max_steps"  # Global.max_steps reached
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the loop tells the run, and the one thing it asks it."""
+    # (state, steps in the window, {loss, data_s, compute_s, loss_scale}); compute_s is
+    # the window's wall time but the data wait, so it includes the hooks' own time
+    progress: Callable = _nothing
+    overflow: Callable = _nothing     # (state, AMP steps skipped in the window)
+    after_step: Callable = _nothing   # (state): e.g. the every-N-steps checkpoint
+    stop_requested: Callable[[], bool] = lambda: False  # this rank's own flag
 
 
 @dataclass
@@ -103,7 +133,33 @@ class TrainState:
     global_step: int = 0
     best_metric: float = -1.0
     skipped_in_a_row: int = 0
-    history: list = field(default_factory=list)
+
+
+class TimedBatches:
+    """The loader's batches, numbered, with the time spent waiting for them: the loop
+    itself carries no timing. `take()` returns (data wait, everything else) in seconds
+    since the last take and starts a new window."""
+
+    def __init__(self, batches, first: int):
+        self._batches = enumerate(batches, first)
+        self._wait = 0.0
+        self._since = time.perf_counter()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            self._wait += time.perf_counter() - t0
+
+    def take(self) -> tuple:
+        now = time.perf_counter()
+        wait, wall = self._wait, now - self._since
+        self._wait, self._since = 0.0, now
+        return wait, wall - wait
 
 
 @dataclass
@@ -117,7 +173,7 @@ class StepWindow:
         return len(self.bad)
 
     def add(self, loss, finite):
-        self.loss_sum = loss.detach() if self.loss_sum is None else self.loss_sum + loss.detach()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.bad.append(paddle.logical_not(finite).astype("float32").reshape([]))
 
 
@@ -126,42 +182,59 @@ def optimizer_steps(loader_steps: int, accum_steps: int) -> int:
     return -(-loader_steps // accum_steps)
 
 
-def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: TrainState, *,
-                    num_classes: int, mix: Callable, seed: int, label_smoothing: float,
-                    mixup_alpha: float, cutmix_alpha: float, print_interval: int,
-                    max_skipped: int, stop_requested: Callable[[], bool], on_step: Callable,
-                    log_progress: Callable, max_steps: int = 0, accum_steps: int = 1) -> str:
-    """Train until the epoch ends ('epoch_end'), a stop is agreed ('stopped') or
-    max_steps is reached ('max_steps').
+def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: TrainState,
+                    run: GlobalConfig, augment: Callable, hooks: Hooks) -> Outcome:
+    """Train until the epoch ends, a stop is agreed or run.max_steps is reached.
 
-    A step is `accum_steps` batches of the loader (gradient accumulation): each batch's
-    loss weighs 1/n, n being the batches of its step (the epoch's last step may have
-    fewer), and only the step's last backward all-reduces. TrainState, the LR schedule,
-    checkpoints, print_interval and max_steps count steps; the loader resumes at batch
-    state.step_in_epoch * accum_steps.
+    A step is `run.accum_steps` batches of the loader (gradient accumulation; the
+    epoch's last step may have fewer). TrainState, the LR schedule, checkpoints,
+    print_interval and max_steps count steps; the loader resumes at batch
+    state.step_in_epoch * accum_steps. `augment(images, labels, rng)` gives (images,
+    soft targets).
 
-    `stop_requested` is this rank's own flag (a signal arrived). All ranks must stop at
-    the same step, so the flags are combined at a host sync: every step with one rank
-    (free), else at each progress flush, whose all-reduce carries them: a per-step
-    collective would make the host wait for the device every step."""
+    All ranks must stop at the same step, so the stop flags are combined at a host sync:
+    every step with one rank (free), else at each progress flush, whose all-reduce
+    carries them: a per-step collective would make the host wait for the device."""
     model.train()
     alone = dist.context().world_size == 1
-    batches = loader.steps_per_epoch
-    steps = optimizer_steps(batches, accum_steps)
-    window, t_data, t_compute = StepWindow(), 0.0, 0.0
-    step_loss, step_finite, in_step = None, None, 0
-    tick = time.perf_counter()
-    first = state.step_in_epoch * accum_steps
-    for batch, (images, labels, valid) in enumerate(loader.epoch(state.epoch, start_step=first), first):
-        t0 = time.perf_counter()
-        t_data += t0 - tick
-        n = min(accum_steps, batches - state.step_in_epoch * accum_steps)  # batches in this step
-        in_step += 1
+    steps = optimizer_steps(loader.steps_per_epoch, run.accum_steps)
+    first = state.step_in_epoch * run.accum_steps
+    batches = TimedBatches(loader.epoch(state.epoch, start_step=first), first)
+    window = StepWindow()
+    while state.step_in_epoch < steps:
+        n = min(run.accum_steps, loader.steps_per_epoch - state.step_in_epoch * run.accum_steps)
+        loss, finite = _accumulate(model, amp, augment, islice(batches, n), n, run.seed, state.epoch)
+        if loss is None:  # the loader ended early
+            break
+        window.add(loss, _update(optimizer, amp, finite))
+        lr_scheduler.step()
+        state.step_in_epoch += 1
+        state.global_step += 1
+        at_max = bool(run.max_steps) and state.global_step >= run.max_steps
+        asked = hooks.stop_requested()  # read once: the flag can rise any time
+        stop = False
+        if (window.count == run.print_interval or state.step_in_epoch == steps or at_max
+                or (alone and asked)):
+            stop = _flush_window(window, amp, state, run.max_skipped_steps, hooks,
+                                 batches.take(), asked)
+            window = StepWindow()
+        hooks.after_step(state)
+        if at_max:
+            return Outcome.MAX_STEPS
+        if stop:
+            return Outcome.STOPPED
+    return Outcome.EPOCH_END
+
+
+def _accumulate(model, amp: Amp, augment, micro_batches, n: int, seed: int, epoch: int):
+    """Forward and backward of one step's `n` batches; each loss weighs 1/n and only the
+    last backward all-reduces. Returns the step's loss and (fp32 only: the scaler judges
+    fp16 steps) whether every batch's loss was finite, both on the device."""
+    step_loss, finite = None, None
+    for micro, (batch, (images, labels, valid)) in enumerate(micro_batches):
         # Augmentation randomness depends only on (seed, epoch, batch): exact on resume.
-        rng = np.random.default_rng([seed, state.epoch, batch])
-        images, targets = mix(images, labels, num_classes, mixup_alpha, cutmix_alpha,
-                              label_smoothing, rng)
-        with dist.gradient_sync(model, sync=in_step == n):
+        images, targets = augment(images, labels, np.random.default_rng([seed, epoch, batch]))
+        with dist.gradient_sync(model, sync=micro == n - 1):
             with amp.autocast(training=True):
                 logits = model(images)
             loss = soft_cross_entropy(logits, targets, valid)
@@ -170,30 +243,8 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, amp: Amp, state: Tra
         step_loss = part.detach() if step_loss is None else step_loss + part.detach()
         if amp.scaler is None:
             ok = paddle.isfinite(loss)
-            step_finite = ok if step_finite is None else paddle.logical_and(step_finite, ok)
-        if in_step < n:
-            t_compute += (tick := time.perf_counter()) - t0
-            continue
-        step_finite = _update(optimizer, amp, step_finite)
-        lr_scheduler.step()
-        window.add(step_loss, step_finite)
-        step_loss, step_finite, in_step = None, None, 0
-        state.step_in_epoch += 1
-        state.global_step += 1
-        t_compute += (tick := time.perf_counter()) - t0
-        last = state.step_in_epoch == steps
-        done = "max_steps" if max_steps and state.global_step >= max_steps else None
-        stop, asked = False, stop_requested()  # read once: the flag can rise any time
-        if window.count == print_interval or last or done or (alone and asked):
-            stop = _flush_window(window, amp, state, max_skipped, log_progress, t_data,
-                                 t_compute, asked)
-            window, t_data, t_compute = StepWindow(), 0.0, 0.0
-        on_step(state)
-        if done:
-            return done
-        if stop:
-            return "stopped"
-    return "epoch_end"
+            finite = ok if finite is None else paddle.logical_and(finite, ok)
+    return step_loss, finite
 
 
 def _update(optimizer, amp: Amp, finite):
@@ -209,42 +260,46 @@ def _update(optimizer, amp: Amp, finite):
     return finite
 
 
-def _flush_window(window, amp, state, max_skipped, log_progress, t_data, t_compute,
-                  stop_here: bool) -> bool:
+def _flush_window(window, amp, state, max_skipped, hooks: Hooks, times, stop_here: bool) -> bool:
     """The one host sync per print interval: reduce, check finiteness, report; returns
-    whether any rank asked to stop (`stop_here` is this rank's flag).
+    whether any rank asked to stop (`stop_here` is this rank's flag; `times` this
+    window's data wait and compute seconds).
 
     Steps are judged over all ranks (a step is bad when it is bad on any rank), so every
     rank raises at the same flush and none is left waiting in a collective."""
     bad_local = paddle.stack(window.bad).numpy()
     loss_mean = float(window.loss_sum.item()) / window.count
-    sums = dist.all_reduce_sum([float(stop_here), loss_mean, t_data, t_compute, *bad_local])
+    sums = dist.all_reduce_sum([float(stop_here), loss_mean, *times, *bad_local])
     stop, sums = bool(sums[0] > 0), sums[1:]
     world = dist.context().world_size
     bad = sums[3:] > 0
     first_step = state.global_step - window.count + 1  # global step of the window's first
     if bad.any() and amp.scaler is None:
-        raise NonFiniteLossError(
-            f"non-finite loss at step {first_step + int(np.argmax(bad))}; lower "
-            f"Optimizer.lr.learning_rate, add warmup (Optimizer.lr.warmup_epoch) or check the data")
-    if bad.any():
-        run, limit_at = state.skipped_in_a_row, None
-        for i, b in enumerate(bad):  # skips in a row, carried over from earlier windows
-            run = run + 1 if b else 0
-            if run >= max_skipped and limit_at is None:
-                limit_at = first_step + i
-        state.skipped_in_a_row = run
-        log_progress(state, None, {"skipped_steps": int(bad.sum())})
-        if limit_at is not None:
-            raise NonFiniteLossError(
-                f"AMP skipped {max_skipped} steps in a row (overflow) by step {limit_at}; "
-                f"raise Global.max_skipped_steps, lower the LR or check the data")
-    else:
-        state.skipped_in_a_row = 0
-    log_progress(state, window.count, {"loss": sums[0] / world, "data_s": sums[1] / world,
-                                       "compute_s": sums[2] / world,
-                                       "loss_scale": amp.loss_scale()})
+        raise non_finite(f"non-finite loss at step {first_step + int(np.argmax(bad))}")
+    _count_skips(bad, state, max_skipped, first_step, hooks)
+    hooks.progress(state, window.count, {"loss": sums[0] / world, "data_s": sums[1] / world,
+                                         "compute_s": sums[2] / world,
+                                         "loss_scale": amp.loss_scale()})
     return stop
+
+
+def _count_skips(bad, state, max_skipped: int, first_step: int, hooks: Hooks) -> None:
+    """AMP overflow skips: reported, and counted in a row across windows; too many in a
+    row end the run."""
+    if not bad.any():
+        state.skipped_in_a_row = 0
+        return
+    run, limit_at = state.skipped_in_a_row, None
+    for i, b in enumerate(bad):  # skips in a row, carried over from earlier windows
+        run = run + 1 if b else 0
+        if run >= max_skipped and limit_at is None:
+            limit_at = first_step + i
+    state.skipped_in_a_row = run
+    hooks.overflow(state, int(bad.sum()))
+    if limit_at is not None:
+        raise NonFiniteLossError(
+            f"AMP skipped {max_skipped} steps in a row (overflow) by step {limit_at}; "
+            f"raise Global.max_skipped_steps, lower the LR or check the data")
 
 
 @paddle.no_grad()

@@ -37,7 +37,7 @@ INPUT_NAME = "image"
 # Opset 13: what paddle2onnx 2.1 targets for PIR graphs and every onnxruntime >= 1.8 runs.
 ONNX_OPSET = 13
 # Agreement required between dygraph and each exported backend, scaled by max |output|:
-# fp32 kernels differ by ~1e-6 here (PLATFORM.md), so 1e-4 only trips on a broken export.
+# fp32 kernels differ by ~1e-6 here (docs/reference.md §8), so 1e-4 only trips on a broken export.
 EXPORT_TOLERANCE = 1e-4
 
 

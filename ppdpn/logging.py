@@ -1,4 +1,5 @@
-"""Rank-0 reporting: progress lines, train.log, metrics.jsonl, VisualDL, the curve plot."""
+"""Rank-0 reporting: progress lines, train.log, metrics.jsonl, VisualDL, the curve plot;
+Progress turns the training loop's windows into those lines and records."""
 from __future__ import annotations
 
 import json
@@ -154,3 +155,60 @@ class RunLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class Progress:
+    """Turns the engine's per-window sums into progress lines and per-epoch records."""
+
+    def __init__(self, cfg, steps_per_epoch: int, global_batch: int, lr_sched, state, log):
+        self.cfg, self.steps_per_epoch, self.lr_sched, self.log = cfg, steps_per_epoch, lr_sched, log
+        self.global_batch = global_batch
+        self.start_step = state.global_step
+        self.t_start = self.t_window = self.t_epoch = time.perf_counter()
+        self.epoch_losses = []
+        self.state = state
+
+    def overflow(self, state, skipped: int) -> None:
+        self.log.info(f"[amp] overflow: skipped {skipped} step(s) up to step {state.global_step}")
+
+    def report(self, state, count: int, values: dict) -> None:
+        now = time.perf_counter()
+        img_s = count * self.global_batch / max(now - self.t_window, 1e-9)
+        busy = values["data_s"] + values["compute_s"]
+        self.t_window = now
+        self.epoch_losses.append((values["loss"], count))
+        self.log.progress(epoch=state.epoch, epochs=self.cfg.Global.epochs, step=state.step_in_epoch,
+                          steps=self.steps_per_epoch, global_step=state.global_step,
+                          total_steps=self.cfg.Global.epochs * self.steps_per_epoch,
+                          loss=values["loss"], lr=self.lr_sched.get_lr(), img_s=img_s,
+                          data_frac=values["data_s"] / max(busy, 1e-9),
+                          loss_scale=values["loss_scale"], elapsed=now - self.t_start,
+                          done_in_run=state.global_step - self.start_step)
+
+    def end_epoch(self, metrics) -> None:
+        now = time.perf_counter()
+        n = sum(c for _, c in self.epoch_losses)
+        train_loss = sum(l * c for l, c in self.epoch_losses) / n if n else None
+        record = {"epoch": self.state.epoch, "global_step": self.state.global_step,
+                  "train_loss": train_loss, "lr": self.lr_sched.get_lr(),
+                  "epoch_time_s": round(now - self.t_epoch, 3)}
+        if metrics is not None:
+            record.update({f"eval_{k}": v for k, v in metrics.items()})
+            self.log.info(f"[eval] epoch {self.state.epoch}: top1 {metrics['top1']:.4f} "
+                          f"top5 {metrics['top5']:.4f} loss {metrics['loss']:.4f} "
+                          f"({metrics['images']} images)")
+        self.log.epoch_record(record)
+        self.epoch_losses, self.t_epoch = [], now
+
+
+def log_sample_images(loader, log, cfg) -> None:
+    """A few augmented training inputs to VisualDL at the start of a run."""
+    if log.writer is None:
+        return
+    from ppdpn.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    for images, _, _ in loader.epoch(0):
+        arr = images.numpy()
+        if cfg.DataLoader.output_layout == "NHWC":
+            arr = arr.transpose(0, 3, 1, 2)
+        log.images("train/input", arr.astype(np.float32), IMAGENET_MEAN, IMAGENET_STD)
+        break

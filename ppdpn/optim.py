@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import paddle
 
-from ppdpn.config import LRConfig, OptimizerConfig
+from ppdpn import dist
+from ppdpn.config import Config, LRConfig, OptimizerConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class Schedule:
         span = max(1, self.total_steps - self.warmup_steps)
         t = min(max(step - self.warmup_steps, 0), span) / span
         return self.eta_min + (self.base_lr - self.eta_min) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def global_batch(cfg: Config) -> int:
+    """Samples per optimizer step over all ranks: what the LR is scaled by and the
+    unit of the steps in TrainState."""
+    return cfg.DataLoader.batch_size * dist.context().world_size * cfg.Global.accum_steps
 
 
 def lr_scale(lr_cfg: LRConfig, global_batch: int) -> float:
@@ -68,6 +75,11 @@ class ScheduleLR(paddle.optimizer.lr.LRScheduler):
     def get_lr(self):
         return self.schedule.lr_at(self.last_epoch)
 
+    def seek(self, step: int) -> None:
+        """Continue at global step `step` (a resume): the next optimizer step uses its LR."""
+        self.last_epoch = step - 1
+        self.step()
+
 
 def _no_decay(name: str, param) -> bool:
     """BN scale/shift and biases: 1-D parameters."""
@@ -89,3 +101,23 @@ def build_optimizer(model, opt_cfg: OptimizerConfig, lr_scheduler, multi_precisi
     return paddle.optimizer.Momentum(
         learning_rate=lr_scheduler, momentum=opt_cfg.momentum, parameters=groups,
         weight_decay=decay, multi_precision=multi_precision)
+
+
+@dataclass(frozen=True)
+class Training:
+    """The LR schedule, the optimizer and (AMP O2) the decorated model: built once, by
+    build_training, for training and for --benchmark alike."""
+    model: object       # not yet wrapped for data parallelism
+    optimizer: object
+    lr_sched: ScheduleLR
+    global_batch: int
+
+
+def build_training(cfg: Config, model, amp, steps_per_epoch: int, epochs: int) -> Training:
+    """Schedule over `epochs` of `steps_per_epoch` optimizer steps, SGD on it, and under
+    AMP O2 fp16/bf16 weights with fp32 master copies."""
+    batch = global_batch(cfg)
+    lr_sched = ScheduleLR(build_schedule(cfg.Optimizer.lr, epochs, steps_per_epoch, batch))
+    optimizer = build_optimizer(model, cfg.Optimizer, lr_sched, multi_precision=amp.enabled)
+    model, optimizer = amp.decorate(model, optimizer)  # O2 only (engine.Amp.decorate)
+    return Training(model, optimizer, lr_sched, batch)

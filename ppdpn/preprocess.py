@@ -1,20 +1,27 @@
-"""The evaluation transform in numpy + OpenCV: the reference for predict and the loaders.
+"""The evaluation transform in numpy + OpenCV: the one source of its geometry and
+constants, for predict, export and both loaders (ppdpn/data uses eval_geometry and the
+ImageNet statistics from here).
 
-It is PaddleClas's eval pipeline (FACTS.md §5): decode to RGB; cv2.resize with
+It is PaddleClas's eval pipeline (docs/reference.md §5): decode to RGB; cv2.resize with
 INTER_LINEAR (no antialiasing) so the short side becomes `resize_short`, each side
 rounded with Python's round(); centre crop at ((W-crop)//2, (H-crop)//2);
 (x/255 - mean)/std in float32; HWC -> CHW. Exported models carry these numbers in
 preprocess.json (see `preprocess_spec`), so a deployed model is fed exactly this.
+
+EXIF orientation is ignored everywhere (training, validation, predict): the pixels are
+used as stored. The DALI decoders are set so, and the crop plans are computed from the
+stored frame size in the JPEG header (ppdpn/data/plan.py); it is also what PaddleClas's
+evaluation does, and ImageNet's published accuracies are measured that way.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence, Tuple
 
-import cv2
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB order, on the 0..1 scale
+# ImageNet statistics, RGB order, on the 0..1 scale: (x / 255 - mean) / std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -26,15 +33,17 @@ def decode_image(path) -> np.ndarray:
     """Read an image file as HWC uint8 RGB; raise naming the file when it cannot.
 
     Bytes are read by numpy and decoded by cv2.imdecode (as PaddleClas does), which also
-    copes with non-ASCII paths that cv2.imread mishandles on some platforms. IMREAD_COLOR
-    is PaddleClas's flag 1: EXIF orientation is applied, grey and RGBA become 3 channels.
+    copes with non-ASCII paths that cv2.imread mishandles on some platforms. Grey and
+    RGBA become 3 channels; EXIF orientation is ignored, as in the loaders (see above).
     """
+    import cv2
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     data = np.fromfile(str(path), dtype=np.uint8)
     try:
-        img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+        img = cv2.imdecode(data, flags) if data.size else None
     except cv2.error:  # most bad files give None, a few make a codec throw
         img = None
     if img is None:
@@ -43,12 +52,22 @@ def decode_image(path) -> np.ndarray:
 
 
 def resized_size(width: int, height: int, resize_short: int) -> Tuple[int, int]:
-    """(new_width, new_height) with the short side at `resize_short`, as PaddleClas rounds."""
-    short = min(width, height)
-    return round(width * resize_short / short), round(height * resize_short / short)
+    """(new_width, new_height) with the short side at `resize_short`, as PaddleClas
+    computes it: `percent = resize_short / short`, then `round(w * percent)` (Python's
+    round). The order matters: `round(w * resize_short / short)` differs by a pixel for
+    hundreds of sizes, e.g. 623x448 at 288 gives 400 high, not 401."""
+    percent = float(resize_short) / min(width, height)
+    return int(round(width * percent)), int(round(height * percent))
+
+
+def eval_geometry(width: int, height: int, resize_short: int, crop: int):
+    """The resized size (W', H') and the centre crop's origin ((W'-crop)//2, (H'-crop)//2)."""
+    rw, rh = resized_size(width, height, resize_short)
+    return rw, rh, (rw - crop) // 2, (rh - crop) // 2
 
 
 def resize_short_side(img: np.ndarray, resize_short: int) -> np.ndarray:
+    import cv2
     h, w = img.shape[:2]
     return cv2.resize(img, resized_size(w, h, resize_short), interpolation=cv2.INTER_LINEAR)
 

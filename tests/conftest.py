@@ -8,6 +8,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# PaddleClas's published state_dicts, key and shape per line (docs/reference.md section 4).
+TSV_DIR = ROOT / "tests" / "data" / "paddleclas_state_dicts"
+
+
+def read_tsv(name):
+    """[(key, shape as a list)] of PaddleClas's published state_dict of model `name`."""
+    path = TSV_DIR / f"{name}.tsv"
+    rows = [line.rstrip("\n").split("\t") for line in path.open() if not line.startswith("#")]
+    return [(key, [int(d) for d in shape.split("x")]) for key, shape in rows]
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +83,7 @@ def worker_pids(launcher_pid, nproc=2, timeout=60):
     """{rank: pid} of the train.py workers under a launcher, once all have started."""
     import time
 
-    from ppdpn.dist import launcher_workers
+    from launcher import launcher_workers
     deadline = time.time() + timeout
     while time.time() < deadline:
         kids = launcher_workers(launcher_pid)

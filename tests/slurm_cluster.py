@@ -2,7 +2,7 @@
 
 Debian's slurmctld/slurmd/munge (installed with apt-get when missing) run as root from a
 temp dir: their own slurm.conf (reached through SLURM_CONF, /etc is not touched), munge
-key and socket, state, spool, pid and log files. Settings follow PLATFORM.md's Slurm
+key and socket, state, spool, pid and log files. Settings follow docs/reference.md §8's Slurm
 section, which measured what a loopback cluster needs. Without slurmdbd, job state comes
 from `scontrol show job`, which keeps a finished job for MinJobAge seconds.
 

@@ -87,3 +87,47 @@ def test_resolved_config_is_saved_with_code_version(tmp_path):
     doc = yaml.safe_load(path.read_text())
     assert doc["Global"]["epochs"] == 7 and doc["_run"]["global_batch"] == 128
     assert doc["_run"]["code_version"]
+
+
+def test_amp_recipes_are_their_base_plus_amp():
+    """configs/*_amp.yaml hold only what differs from their base; resolved, they are the
+    base recipe with AMP O2 and fp16 batches."""
+    for amp_recipe in sorted((ROOT / "configs").glob("*_amp.yaml")):
+        base = load_config(amp_recipe.with_name(amp_recipe.name.replace("_amp", ""))).to_dict()
+        amp = load_config(amp_recipe).to_dict()
+        assert (amp["AMP"]["use_amp"], amp["AMP"]["level"], amp["DataLoader"]["output_dtype"]) == (
+            True, "O2", "float16")
+        for section in ("AMP", "DataLoader", "Global"):
+            base.pop(section), amp.pop(section)
+        assert amp == base, amp_recipe.name
+
+
+def test_base_recipes_merge_and_are_checked_strictly(tmp_path):
+    (tmp_path / "parent.yaml").write_text("Global:\n  epochs: 10\n  seed: 3\nArch:\n  name: DPN92\n")
+    (tmp_path / "child.yaml").write_text("_base_: parent.yaml\nGlobal:\n  epochs: 4\n")
+    cfg = load_config(tmp_path / "child.yaml", ["Global.print_interval=7"])
+    assert (cfg.Global.epochs, cfg.Global.seed, cfg.Arch.name, cfg.Global.print_interval) == (
+        4, 3, "DPN92", 7)
+    # A bad key in the base names the base's file; one in the child names the child.
+    (tmp_path / "parent.yaml").write_text("Global:\n  epoch: 10\n")
+    with pytest.raises(ConfigError, match=r"parent\.yaml: unknown key Global\.epoch"):
+        load_config(tmp_path / "child.yaml")
+    (tmp_path / "parent.yaml").write_text("Global:\n  epochs: 10\n")
+    (tmp_path / "child.yaml").write_text("_base_: parent.yaml\nGlobal:\n  epochs: -4\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: Global\.epochs=-4 must be >= 1"):
+        load_config(tmp_path / "child.yaml")
+
+
+@pytest.mark.parametrize("files, words", [
+    ({"a.yaml": "_base_: b.yaml\n", "b.yaml": "_base_: a.yaml\n"}, ["cycle", "a.yaml -> b.yaml -> a.yaml"]),
+    ({"a.yaml": "_base_: a.yaml\n"}, ["cycle", "a.yaml -> a.yaml"]),
+    ({"a.yaml": "_base_: gone.yaml\n"}, ["a.yaml", "gone.yaml", "not found"]),
+    ({"a.yaml": "_base_: [b.yaml]\n"}, ["a.yaml", "_base_", "path of a recipe"]),
+])
+def test_bad_base_recipes_are_refused_by_name(tmp_path, files, words):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "a.yaml")
+    for w in words:
+        assert w in str(e.value)

@@ -194,7 +194,7 @@ def test_normalisation_shapes_and_output_options(tmp_path, backend, split):
 
 
 def _opencv_eval(path, resize_short, crop):
-    """PaddleClas's eval transform, written out (FACTS.md section 5)."""
+    """PaddleClas's eval transform, written out (docs/reference.md section 5)."""
     img = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
     h, w = img.shape[:2]
     percent = resize_short / min(w, h)
@@ -219,6 +219,43 @@ def test_eval_crop_is_centred_like_paddleclas(tmp_path, backend):
     ref = _opencv_eval(str(tmp_path / "img" / "ramp.png"), 40, 32)
     assert np.abs(got - ref).mean() < 1.0
     assert np.abs(got - ref).max() < 3.0
+
+
+def _jpeg_with_exif_orientation(path, bgr, orientation=6):
+    """A JPEG whose EXIF orientation tag (0x0112) says "rotate on display" (6: 90 deg)."""
+    ok, enc = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    ifd = struct.pack("<H", 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    payload = b"Exif\x00\x00" + b"II*\x00" + struct.pack("<I", 8) + ifd
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    path.write_bytes(enc.tobytes()[:2] + app1 + enc.tobytes()[2:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_val_batches_equal_the_exported_preprocessing(tmp_path, backend):
+    """What validation measures is what an exported model is fed (preprocess.json): the
+    loaders' eval batches against preprocess.transform_from_spec at resize_short 288, on
+    a 623x448 image (where w*288/448 and w*(288/448) round to 400 and 401) and on a JPEG
+    whose EXIF says "rotate 90 deg", which every path leaves unrotated."""
+    from ppdpn.preprocess import decode_image, preprocess_spec, transform_from_spec
+    os.makedirs(tmp_path / "img")
+    y, x = np.mgrid[0:448, 0:623]
+    # Triangle waves of slope 4 grey levels per pixel: a crop or scale off by one pixel shows.
+    wave = lambda t: np.abs((t * 4) % 510 - 255)  # noqa: E731
+    img = np.stack([wave(x), wave(y), (x + y) % 200], -1).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "img" / "wide.png"), img[..., ::-1])
+    _jpeg_with_exif_orientation(tmp_path / "img" / "turned.jpg", cv2.resize(img, (400, 300))[..., ::-1])
+    (tmp_path / "val_list.txt").write_text("img/wide.png 0\nimg/turned.jpg 1\n")
+    ld = build_loader(cfg_for(tmp_path, backend, batch_size=2, image_size=256, resize_short=288),
+                      "val", DistContext(), seed=0)
+    (images, labels, _), = collect(ld, 0)
+    spec = preprocess_spec(resize_short=288, crop_size=256)
+    for got, name in zip(images, ("wide.png", "turned.jpg")):
+        decoded = decode_image(tmp_path / "img" / name)
+        assert decoded.shape[:2] == ((448, 623) if name == "wide.png" else (300, 400))
+        ref = transform_from_spec(decoded, spec)
+        grey = (got - ref) * np.asarray(STD_255)[:, None, None]  # in 0-255 units
+        assert np.abs(grey).mean() < 1.0, name
+        assert np.abs(grey).max() < 6.0, name
 
 
 def _plant_bad(root, names):

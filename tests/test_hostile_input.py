@@ -325,7 +325,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit_the_model(tmp_path):
 
     from ppdpn.config import load_config as load
     from ppdpn.engine import Amp, TrainState
-    from ppdpn.session import resume
+    from ppdpn.resume import resume
 
     net = paddle.nn.Linear(3, 2)
     opt = paddle.optimizer.Momentum(0.1, parameters=net.parameters())

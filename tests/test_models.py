@@ -1,20 +1,18 @@
-"""Models: exact sizes and costs (FACTS.md section 2), PaddleClas layout, shapes, options."""
-from pathlib import Path
+"""Models: exact sizes and costs (docs/reference.md section 2), PaddleClas layout, shapes, options."""
 
 import numpy as np
 import paddle
 import pytest
 
-from conftest import twin_models
+from conftest import read_tsv, twin_models
 from ppdpn.models import create_model, list_models, register_model
 from ppdpn.models.__main__ import PUBLISHED
 from ppdpn.models.flops import count_macs, count_params, format_table
 from ppdpn.models.weights import to_paddleclas_state_dict
 
-TSV_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paddleclas_state_dicts"
 
 # (trainable params, params incl. BN running stats): the sums over PaddleClas's published
-# state_dicts (the .tsv files); FACTS.md rounds them to 3 decimals in millions.
+# state_dicts (the .tsv files); docs/reference.md rounds them to 3 decimals in millions.
 SIZES = {
     "DPN68": (12_611_602, 12_676_718), "DPN92": (37_668_392, 37_793_608),
     "DPN98": (61_570_728, 61_735_624), "DPN107": (86_917_800, 87_131_624),
@@ -22,7 +20,7 @@ SIZES = {
     "DenseNet161": (28_681_000, 28_900_936), "DenseNet169": (14_149_480, 14_307_880),
     "DenseNet201": (20_013_928, 20_242_984), "DenseNet264": (33_337_704, 33_736_232),
 }
-FACTS_MILLIONS = {  # FACTS.md section 2, as published there
+FACTS_MILLIONS = {  # docs/reference.md section 2, as published there
     "DPN68": (12.612, 12.677), "DPN92": (37.668, 37.794), "DPN98": (61.571, 61.736),
     "DPN107": (86.918, 87.132), "DPN131": (79.255, 79.478), "DenseNet121": (7.979, 8.063),
     "DenseNet161": (28.681, 28.901), "DenseNet169": (14.149, 14.308),
@@ -32,15 +30,6 @@ FACTS_GMACS = {"DPN68": 2.326, "DPN92": 6.502, "DPN98": 11.671, "DPN107": 18.299
                "DPN131": 16.014, "DenseNet121": 2.834, "DenseNet161": 7.728,
                "DenseNet169": 3.360, "DenseNet201": 4.291, "DenseNet264": 5.752}
 TINY = ["DPNTiny", "DenseNetTiny"]
-
-
-def read_tsv(name):
-    """[(key, shape)] of PaddleClas's published state_dict, or None if the file is absent."""
-    path = TSV_DIR / f"{name}.tsv"
-    if not path.exists():
-        return None
-    rows = [line.rstrip("\n").split("\t") for line in path.open() if not line.startswith("#")]
-    return [(key, [int(d) for d in shape.split("x")]) for key, shape in rows]
 
 
 @pytest.fixture(scope="module", params=list(SIZES))
@@ -68,9 +57,6 @@ def test_param_counts_are_exact(published):
 def test_state_dict_converts_to_paddleclas_layout(published):
     name, model = published
     tsv = read_tsv(name)
-    if tsv is None:
-        pytest.skip(f"{TSV_DIR} is absent (PaddleClas's state-dict layouts, kept beside the "
-                    f"repository in ../shared/reference, not in it)")
     ours = [(k, list(v.shape)) for k, v in to_paddleclas_state_dict(model, name).items()]
     assert ours == tsv  # same keys, same shapes, same order
     trainable = sum(int(np.prod(s)) for k, s in tsv if not k.endswith(("_mean", "_variance")))

@@ -11,9 +11,9 @@ import pytest
 from conftest import last_json, run_train, tiny_overrides, twin_models
 from ppdpn import dist
 from ppdpn.benchmark import SyntheticLoader
-from ppdpn.config import AMPConfig, OptimizerConfig
-from ppdpn.data.augment import mix_batch
-from ppdpn.engine import TrainState, build_amp, train_one_epoch
+from ppdpn.config import AMPConfig, GlobalConfig, OptimizerConfig
+from ppdpn.data.augment import BatchAugment
+from ppdpn.engine import Hooks, TrainState, build_amp, train_one_epoch
 from ppdpn.models import create_model, layers
 from ppdpn.models.densenet import DenseBlock
 from ppdpn.optim import ScheduleLR, build_optimizer, build_schedule
@@ -154,12 +154,10 @@ def _train_12_steps(state, print_interval, stop_requested):
     lr = ScheduleLR(build_schedule(opt_cfg.lr, 1, 12, 4))
     optimizer = build_optimizer(model, opt_cfg, lr, multi_precision=False)
     windows = []
-    outcome = train_one_epoch(
-        model, loader, optimizer, lr, build_amp(AMPConfig(), use_gpu=False), state,
-        num_classes=4, mix=mix_batch, seed=0, label_smoothing=0.1, mixup_alpha=0.2,
-        cutmix_alpha=0.0, print_interval=print_interval, max_skipped=1,
-        stop_requested=stop_requested, on_step=lambda s: None,
-        log_progress=lambda s, count, values: windows.append(count))
+    hooks = Hooks(progress=lambda s, count, values: windows.append(count), stop_requested=stop_requested)
+    outcome = train_one_epoch(model, loader, optimizer, lr, build_amp(AMPConfig(), use_gpu=False), state,
+                              GlobalConfig(seed=0, print_interval=print_interval, max_skipped_steps=1),
+                              BatchAugment(4, mixup_alpha=0.2, label_smoothing=0.1), hooks)
     return outcome, windows
 
 

@@ -255,7 +255,8 @@ class _Batches:
 
 
 def _train(bad, steps, scaler, max_skipped=3, print_interval=100):
-    from ppdpn.engine import Amp, TrainState, train_one_epoch
+    from ppdpn.config import GlobalConfig
+    from ppdpn.engine import Amp, Hooks, TrainState, train_one_epoch
     paddle.seed(0)
     net = paddle.nn.Sequential(paddle.nn.Linear(6, 8), paddle.nn.ReLU(), paddle.nn.Linear(8, 3))
     opt = paddle.optimizer.Momentum(0.1, parameters=net.parameters())
@@ -263,18 +264,14 @@ def _train(bad, steps, scaler, max_skipped=3, print_interval=100):
     amp = Amp(scaler is not None, "O1", "float16", scaler, True)
     weights, lines, state = [], [], TrainState()
 
-    def mix(images, labels, n, *rest):
-        return images, paddle.nn.functional.one_hot(labels, n)
+    def augment(images, labels, rng):
+        return images, paddle.nn.functional.one_hot(labels, 3)
 
-    def record(state, count, values):
-        lines.append((state.global_step, count, values))
-
-    outcome = train_one_epoch(net, _Batches(bad, steps), opt, lr, amp, state, num_classes=3, mix=mix,
-                              seed=0, label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
-                              print_interval=print_interval, max_skipped=max_skipped,
-                              stop_requested=lambda: False,
-                              on_step=lambda s: weights.append(net[0].weight.numpy().copy()),
-                              log_progress=record)
+    hooks = Hooks(progress=lambda state, count, values: lines.append((state.global_step, count, values)),
+                  overflow=lambda state, n: lines.append((state.global_step, None, {"skipped_steps": n})),
+                  after_step=lambda s: weights.append(net[0].weight.numpy().copy()))
+    run = GlobalConfig(seed=0, print_interval=print_interval, max_skipped_steps=max_skipped)
+    outcome = train_one_epoch(net, _Batches(bad, steps), opt, lr, amp, state, run, augment, hooks)
     return outcome, weights, lines, state
 
 
@@ -349,14 +346,14 @@ def test_world_size_2_to_1_and_back_keeps_the_global_step_and_lr(tiny_data, tmp_
 
 def test_reposition_rounds_down_by_samples_and_the_documented_data_order_holds():
     from ppdpn.data.plan import ShardPlan
-    from ppdpn.session import reposition
+    from ppdpn.resume import reposition
 
     assert reposition(3, 16, 4, 8, 8) == 6       # 48 samples done
     assert reposition(3, 8, 8, 16, 4) == 1       # 24 samples: 8 of them are redone
     assert reposition(4, 16, 4, 8, 8) == 8       # a finished epoch stays finished
     assert reposition(5, 24, 6, 32, 5) == 3      # 120 samples -> 3 of 32
     assert reposition(7, 10, None, 4, 9) == 9    # clamped to the new epoch
-    # session.reposition's docstring, checked: N=64, b=8, 2 ranks for 3 steps, then 1.
+    # resume.reposition's docstring, checked: N=64, b=8, 2 ranks for 3 steps, then 1.
     n, seed, epoch = 64, 0, 1
     two = [ShardPlan(n, 2, r, 8, True, seed).batches(epoch)[0] for r in (0, 1)]
     one = ShardPlan(n, 1, 0, 8, True, seed).batches(epoch)[0]

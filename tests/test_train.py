@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -175,14 +176,13 @@ def test_sigusr1_to_one_rank_checkpoints_and_requeues(tiny_data, tmp_path):
 def _train_epoch_with(tiny_data, tmp_path, batch_size, accum_steps):
     """One epoch of the engine on a model without BN (BN's batch statistics would
     differ between one batch of 8 and two of 4); the trained weights."""
-    from functools import partial
-
     import paddle
 
     from ppdpn.config import load_config
-    from ppdpn.data import build_loader, mix_batch
+    from ppdpn.data import build_loader
+    from ppdpn.data.augment import BatchAugment
     from ppdpn.dist import DistContext
-    from ppdpn.engine import TrainState, build_amp, optimizer_steps, train_one_epoch
+    from ppdpn.engine import Hooks, TrainState, build_amp, optimizer_steps, train_one_epoch
     from ppdpn.optim import ScheduleLR, build_optimizer, build_schedule
 
     cfg = load_config(ROOT / "configs/demo.yaml", tiny_overrides(tiny_data, tmp_path, **{
@@ -198,13 +198,9 @@ def _train_epoch_with(tiny_data, tmp_path, batch_size, accum_steps):
                                  paddle.nn.Linear(8, 4))
     optimizer = build_optimizer(model, cfg.Optimizer, lr, False)
     state, lrs = TrainState(), []
-    outcome = train_one_epoch(
-        model, loader, optimizer, lr, build_amp(cfg.AMP, False), state, num_classes=4,
-        mix=partial(mix_batch, data_format="NCHW"), seed=0,
-        label_smoothing=cfg.Loss.label_smoothing, mixup_alpha=0.0, cutmix_alpha=0.0,
-        print_interval=100, max_skipped=1, stop_requested=lambda: False,
-        on_step=lambda s: lrs.append(lr.get_lr()), log_progress=lambda *a: None,
-        accum_steps=accum_steps)
+    run = replace(cfg.Global, seed=0, print_interval=100, max_skipped_steps=1)
+    outcome = train_one_epoch(model, loader, optimizer, lr, build_amp(cfg.AMP, False), state, run,
+                              BatchAugment.from_config(cfg), Hooks(after_step=lambda s: lrs.append(lr.get_lr())))
     assert outcome == "epoch_end"
     return state, lrs, {k: v.numpy() for k, v in model.state_dict().items()}
 

@@ -2,34 +2,24 @@
 import logging
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import paddle
 import pytest
 
+from conftest import read_tsv
 from ppdpn.models import create_model
 from ppdpn.models.weights import (UnsafePickleError, WeightsError, load_pretrained, safe_load,
                                   to_paddleclas_state_dict)
 
-TSV_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paddleclas_state_dicts"
 MODELS = ["DPN68", "DenseNet121"]
-
-
-def paddleclas_layout(name):
-    """[(key, shape)] of the published file: from the .tsv, else from our own conversion."""
-    path = TSV_DIR / f"{name}.tsv"
-    if path.exists():
-        rows = [ln.rstrip("\n").split("\t") for ln in path.open() if not ln.startswith("#")]
-        return [(k, tuple(int(d) for d in s.split("x"))) for k, s in rows]
-    return [(k, v.shape) for k, v in to_paddleclas_state_dict(create_model(name)).items()]
 
 
 def random_paddleclas_file(name, path, num_classes=1000, seed=0):
     """Write a file shaped like <name>_pretrained.pdparams, with random values."""
     rng = np.random.default_rng(seed)
     state = {}
-    for key, shape in paddleclas_layout(name):
+    for key, shape in read_tsv(name):
         if key == "out.weight":
             shape = (shape[0], num_classes)
         elif key == "out.bias":

@@ -3,7 +3,7 @@
     loader = build_loader(cfg.DataLoader, "train", ctx, seed)
     for epoch in ...:
         for images, labels, valid in loader.epoch(epoch, start_step):
-            images, targets = mix_batch(images, labels, ...)   # train only
+            images, targets = augment(images, labels, rng)   # train only (augment.BatchAugment)
 
 Every rank yields `loader.steps_per_epoch` full batches per epoch (the same number on
 every rank); `valid` is 0 for padding and for files that failed mid-run, so metrics
@@ -36,8 +36,3 @@ def build_loader(data_cfg, split: str, ctx, seed: int, num_classes: Optional[int
         from ppdpn.data.fallback import FallbackLoader as cls
     return cls(data_cfg, split, ctx, seed, samples, sizes)
 
-
-def mix_batch(*args, **kwargs):
-    """See ppdpn.data.augment.mix_batch."""
-    from ppdpn.data.augment import mix_batch as impl
-    return impl(*args, **kwargs)

@@ -8,6 +8,7 @@ permutation to draw, and every sample is mixed with a different one when B > 1.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Tuple
 
 import numpy as np
@@ -69,3 +70,23 @@ def mix_batch(images, labels, num_classes: int, mixup_alpha: float, cutmix_alpha
         images = images * lam + partner * (1.0 - lam)
     targets = targets * lam + targets.flip(axis=[0]) * (1.0 - lam)
     return images, targets
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """mix_batch with the recipe's settings bound once: `augment(images, labels, rng)`."""
+    num_classes: int
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    label_smoothing: float = 0.0
+    data_format: str = "NCHW"
+
+    @classmethod
+    def from_config(cls, cfg) -> "BatchAugment":
+        d = cfg.DataLoader
+        return cls(cfg.Arch.class_num, d.mixup_alpha, d.cutmix_alpha,
+                   cfg.Loss.label_smoothing, d.output_layout)
+
+    def __call__(self, images, labels, rng: np.random.Generator):
+        return mix_batch(images, labels, self.num_classes, self.mixup_alpha,
+                         self.cutmix_alpha, self.label_smoothing, rng, self.data_format)

@@ -9,12 +9,11 @@ import numpy as np
 from ppdpn.data.check import check_files, find_bad_labels, find_duplicates
 from ppdpn.data.lists import DataSetError, Samples
 from ppdpn.data.plan import ShardPlan, eval_windows, train_windows
+from ppdpn.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("ppdpn.data")
 
-# ImageNet statistics in 0-255 units, as PaddleClas normalises: (x / 255 - mean) / std.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# ImageNet statistics (ppdpn/preprocess.py) in 0-255 units.
 MEAN_255 = tuple(255.0 * m for m in IMAGENET_MEAN)
 STD_255 = tuple(255.0 * s for s in IMAGENET_STD)
 # (x - mean) / std as x * scale + shift, per channel

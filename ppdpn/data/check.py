@@ -1,7 +1,7 @@
 """Pre-flight checks of image files: existence, size, magic, end marker, header size.
 
 DALI has no skip option: a missing or empty file breaks its reader for good, and a text
-file named .jpg fails a whole batch without a name (PLATFORM.md). So every file is
+file named .jpg fails a whole batch without a name (docs/reference.md §8). So every file is
 checked before the first step. The check reads only the header and the tail of each
 file, and keeps each image's width and height from its JPEG SOF / PNG IHDR: the loaders
 compute crop windows from them without decoding.

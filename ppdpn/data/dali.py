@@ -9,7 +9,7 @@ a batch is found, named and replaced, where a broken reader stays broken.
 Pipelines are built per epoch (and rebuilt after a decode failure, from the failed
 step): they hold no state of ours, and building one takes milliseconds. On a CPU two
 pipelines take turns, so that one decodes while the other is between batches.
-The official nvidia.dali.plugin.paddle iterator fails on CPU Paddle (PLATFORM.md);
+The official nvidia.dali.plugin.paddle iterator fails on CPU Paddle (docs/reference.md §8);
 DALI's default executor keeps outputs alive while referenced, so handing its buffers
 to paddle through DLPack is zero-copy and safe.
 On a CPU, DALI does what it does best there, decoding only the crop window (ROI

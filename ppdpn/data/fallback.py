@@ -14,7 +14,7 @@ import numpy as np
 
 from ppdpn.data.base import LoaderBase, image_shape, normalize, resize_flip_normalize
 from ppdpn.data.check import BadFile, image_header, read_file, size_changed
-from ppdpn.data.plan import eval_geometry
+from ppdpn.preprocess import eval_geometry
 
 # (sample index, x, y, w, h, flip, counted): one sample's work, decided in the main
 # process; counted is 0 for the plan's padding slots.
@@ -66,7 +66,8 @@ class _JobDataset:
 
     def __getitem__(self, job: Job):
         """(image, label, counted, ok): ok = False when the file failed. Never raised: a
-        raising worker kills the whole DataLoader without naming the file (PLATFORM.md)."""
+        raising worker kills the whole DataLoader without naming the file
+        (docs/reference.md §8)."""
         label = self.labels[job[0]]
         try:
             return self.transform(self._decode(job[0]), job), label, job[6], True

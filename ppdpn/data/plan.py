@@ -17,6 +17,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
+from ppdpn.preprocess import eval_geometry
+
 # torchvision / PaddleClas RandomResizedCrop: this many tries before the centre crop.
 CROP_ATTEMPTS = 10
 # Draws per sample: area and ratio per attempt, x and y offset, flip.
@@ -136,16 +138,6 @@ def train_windows(seed: int, epoch: int, index: np.ndarray, sizes: np.ndarray,
     windows = random_resized_crop(wh[:, 0], wh[:, 1], u, scale, ratio)
     flips = (u[:, -1] < 0.5).astype(np.int32)
     return windows, flips
-
-
-def eval_geometry(width: int, height: int, resize_short: int, crop: int):
-    """PaddleClas eval transform: resized size (W', H') and the centre crop's origin.
-
-    `percent = resize_short / min(w, h)`, size `round(w * percent)` x `round(h * percent)`
-    (Python round), crop origin ((W' - crop) // 2, (H' - crop) // 2)."""
-    percent = float(resize_short) / min(width, height)
-    rw, rh = int(round(width * percent)), int(round(height * percent))
-    return rw, rh, (rw - crop) // 2, (rh - crop) // 2
 
 
 def eval_windows(index: np.ndarray, sizes: np.ndarray, resize_short: int, crop: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`python -m ppdpn.models`: size and cost of every published model (FACTS.md section 2)."""
+"""`python -m ppdpn.models`: size and cost of every published model (docs/reference.md section 2)."""
 import argparse
 import re
 

@@ -77,7 +77,7 @@ class DenseBlock(nn.Layer):
 
 
 class DenseNet(nn.Layer):
-    """A DenseNet given its numbers (FACTS.md section 3).
+    """A DenseNet given its numbers (docs/reference.md section 3).
 
     `recompute`: memory-efficient dense layers (see DenseLayer). `data_format`: "NCHW" or
     "NHWC" (the input's layout too).

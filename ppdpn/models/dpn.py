@@ -60,7 +60,7 @@ class DualPathBlock(nn.Layer):
 
 
 class DPN(nn.Layer):
-    """A DPN given its numbers (FACTS.md section 3).
+    """A DPN given its numbers (docs/reference.md section 3).
 
     k_r: width of the 3x3 convolutions in the first stage, k_r * bw[s] / bw[0] in stage s;
     groups: groups of those convolutions; k_sec: blocks per stage; inc_sec: dense-path

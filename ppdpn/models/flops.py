@@ -1,6 +1,6 @@
 """Model size and cost: parameter counts and multiply-accumulates (MACs).
 
-`paddle.flops` fails on Paddle 3.3.1 with numpy >= 2.4 (FACTS.md section 2), so MACs are
+`paddle.flops` fails on Paddle 3.3.1 with numpy >= 2.4 (docs/reference.md section 2), so MACs are
 counted with forward hooks on Conv2D and Linear, the layers that hold all but a fraction
 of a percent of the arithmetic; BN, ReLU, pooling and additions are not counted, as in
 paddle.flops and PaddleClas's published figures. FLOPs = 2 x MACs.

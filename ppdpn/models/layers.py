@@ -179,7 +179,7 @@ def recompute_once(function: Callable, batch_norms: Sequence[BatchNorm2D], *args
     """Run `function(*args)` under Paddle's recompute, updating BN running stats only once.
 
     `use_reentrant=False` because the reentrant variant gives no parameter gradients to a
-    block whose inputs need no grad (PLATFORM.md). Paddle replays `function` during
+    block whose inputs need no grad (docs/reference.md §8). Paddle replays `function` during
     backward; the call counter tells the first pass from the replay.
     """
     calls = 0
