@@ -95,7 +95,7 @@ def create_paddle_runner(model_dir, device: str = "cpu", threads: Optional[int] 
         config.enable_use_gpu(256, int(device.split(":")[1]))  # 256 MB initial pool; it grows
     else:
         config.disable_gpu()
-        config.enable_mkldnn()  # oneDNN: ~3x faster than plain CPU kernels (PLATFORM.md)
+        config.enable_mkldnn()  # oneDNN: ~3x faster than plain CPU kernels (docs/reference.md §8)
         config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
     config.disable_glog_info()
     try:
