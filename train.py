@@ -15,12 +15,14 @@ import random
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import paddle
 
 from ppdpn import dist
-from ppdpn.checkpoint import CheckpointError, CheckpointWriteError, Saver
+from ppdpn.checkpoint import (CheckpointError, CheckpointWriteError, Saver, atomic_write_bytes,
+                              latest_checkpoint, verify_checkpoint)
 from ppdpn.config import Config, ConfigError, load_config, save_resolved
 from ppdpn.data.augment import BatchAugment
 from ppdpn.data.lists import DataSetError
@@ -49,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("-c", "--config", required=True, help="YAML recipe, e.g. configs/dpn68.yaml")
     p.add_argument("-o", "--override", action="append", nargs="+", default=[],
                    metavar="Section.key=value", help="override a config value (YAML-parsed)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate Global.pretrained_model and exit")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate Global.pretrained_model or Global.checkpoints and exit")
     p.add_argument("--benchmark", action="store_true", help="time training steps; print one JSON line")
     p.add_argument("--real-data", action="store_true", help="with --benchmark: use the real loader")
     p.add_argument("--warmup", type=int, default=5, help="with --benchmark: untimed steps first")
@@ -78,8 +81,9 @@ def main(argv=None) -> int:
     log = RunLogger(cfg.Global.output_dir, ctx.is_main, use_visualdl=cfg.Global.visualdl and not args.eval_only)
     log.info(f"[run] rank {ctx.rank}/{ctx.world_size} on {ctx.device}; config {args.config}")
 
-    model = create_model(cfg.Arch.name, num_classes=cfg.Arch.class_num,
-                         pretrained=cfg.Global.pretrained_model,
+    weights = eval_weights(cfg, log.info) if args.eval_only else cfg.Global.pretrained_model
+    model = create_model(cfg.Arch.name, num_classes=cfg.Arch.class_num, pretrained=weights,
+                         new_classifier=not args.eval_only,
                          recompute=cfg.Arch.recompute, data_format=cfg.Arch.data_format)
     amp = build_amp(cfg.AMP, ctx.use_gpu, log=log.info, data_format=cfg.Arch.data_format)
 
@@ -96,11 +100,43 @@ def main(argv=None) -> int:
     if args.eval_only:
         model = amp.decorate(model)  # O2 only when eval runs under autocast (AMP.eval_fp32=false)
         dist.broadcast_params(model)
-        metrics = evaluate(dist.wrap_model(model), val_loader, amp)
-        print(json.dumps(metrics), flush=True)
+        metrics = {**evaluate(dist.wrap_model(model), val_loader, amp), "weights": str(weights)}
+        log.info("[eval] " + json.dumps(metrics))
+        if ctx.is_main:
+            out = Path(cfg.Global.output_dir) / "eval.json"
+            atomic_write_bytes(out, (json.dumps(metrics, indent=1) + "\n").encode())
+            log.info(f"[eval] written to {out}")
+            print(json.dumps(metrics), flush=True)
         return 0
     run, state = prepare_training(cfg, ctx, model, amp, val_loader, stopper, log)
     return fit(run, state)
+
+
+def eval_weights(cfg: Config, log) -> str:
+    """The file --eval-only evaluates, exactly: Global.pretrained_model (a .pdparams or a
+    checkpoint), or Global.checkpoints (a checkpoint, or a run folder: its best checkpoint,
+    else its latest). Neither, or both, is a config error: eval-only never scores random
+    weights."""
+    g = cfg.Global
+    if g.pretrained_model and g.checkpoints:
+        raise ConfigError(f"--eval-only evaluates one set of weights: Global.pretrained_model="
+                          f"{g.pretrained_model} and Global.checkpoints={g.checkpoints} are both set")
+    if not (g.pretrained_model or g.checkpoints):
+        raise ConfigError("--eval-only needs the weights to evaluate: set "
+                          "Global.pretrained_model=FILE (.pdparams or checkpoint) or "
+                          "Global.checkpoints=FILE or RUN_DIR")
+    path = Path(g.pretrained_model or g.checkpoints)
+    if path.is_dir():
+        key = "Global.pretrained_model" if g.pretrained_model else "Global.checkpoints"
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        best = ckpt_dir / "best.pdckpt"
+        found = best if best.is_file() and verify_checkpoint(best) is None else \
+            latest_checkpoint(ckpt_dir, log=log)
+        if found is None:
+            raise ConfigError(f"{key}={path}: no valid checkpoint in this folder")
+        log(f"[eval] {key}={path}: evaluating {found}")
+        path = found
+    return str(path)
 
 
 @dataclass(frozen=True)

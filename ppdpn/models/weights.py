@@ -220,7 +220,8 @@ def _fits(key: str, model_shape: List[int], file_shape: List[int]) -> bool:
     return model_shape == file_shape
 
 
-def load_pretrained(model: paddle.nn.Layer, path, name: Optional[str] = None) -> List[str]:
+def load_pretrained(model: paddle.nn.Layer, path, name: Optional[str] = None,
+                    new_classifier: bool = True) -> List[str]:
     """Load `path` into `model`; returns the keys left out (only the classifier, if any).
 
     Accepts PaddleClas's published <Model>_pretrained.pdparams, our own state_dict saved
@@ -239,6 +240,11 @@ def load_pretrained(model: paddle.nn.Layer, path, name: Optional[str] = None) ->
         weights = {theirs_to_ours.get(k, k): v for k, v in weights.items()}
         label = key_map.get
     skipped = _check_keys(model_state, weights, label, f"{path} into {name}", as_saved)
+    if skipped and not new_classifier:  # eval-only: a fresh head would score chance
+        classes = weights["fc.weight"].shape[-1]
+        raise WeightsError(f"cannot evaluate {path} as {name}: its classifier is for {classes} "
+                           f"classes, the model's for {model_state['fc.weight'].shape[-1]} "
+                           f"(set Arch.class_num={classes})")
     if skipped:
         logger.warning("%s: classifier not loaded from %s (file %s vs model %s); "
                        "all other %d tensors loaded", name, path, _shape(weights["fc.weight"]),
