@@ -28,7 +28,7 @@ from ppdpn.data.augment import BatchAugment
 from ppdpn.data.lists import DataSetError
 from ppdpn.engine import (Amp, Hooks, NonFiniteLossError, Outcome, TrainState, build_amp,
                           evaluate, non_finite, optimizer_steps, train_one_epoch)
-from ppdpn.logging import Progress, RunLogger, log_sample_images
+from ppdpn.logging import Progress, RunLogger, log_sample_images, planned_steps
 from ppdpn.models import create_model
 from ppdpn.models.weights import UnsafePickleError, WeightsError
 from ppdpn.optim import ScheduleLR, build_training, lr_scale
@@ -174,7 +174,7 @@ def prepare_training(cfg, ctx, model, amp, val_loader, stopper, log):
     resumed = resume(cfg, training.model, training.optimizer, amp, state, steps_per_epoch, log=log.info)
     lr_sched.seek(state.global_step)
     log.info(f"[run] starting at global step {state.global_step} of "
-             f"{cfg.Global.epochs * steps_per_epoch}, LR {lr_sched.get_lr():.8g}")
+             f"{planned_steps(cfg.Global, steps_per_epoch)}, LR {lr_sched.get_lr():.8g}")
     if ctx.is_main:
         save_resolved(cfg, cfg.Global.output_dir, {**derived, "resumed_from": resumed})
         log.text("config", json.dumps(cfg.to_dict(), indent=1))
@@ -194,6 +194,12 @@ def fit(run: Run, state: TrainState) -> int:
     augment = BatchAugment.from_config(run.cfg)
     if state.global_step == 0:
         log_sample_images(run.train_loader, run.log, run.cfg)
+    if state.global_step >= planned_steps(run.cfg.Global, run.steps_per_epoch):
+        # A finished run run again: nothing to train, nothing to write.
+        run.log.info(f"[run] already finished: global step {state.global_step} of "
+                     f"{planned_steps(run.cfg.Global, run.steps_per_epoch)} (Global.epochs / "
+                     f"Global.max_steps); checkpoints in {saver.ckpt_dir}")
+        return 0
     metrics = None
     try:
         while state.epoch < run.cfg.Global.epochs:

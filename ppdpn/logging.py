@@ -157,6 +157,12 @@ class RunLogger:
             self._file = None
 
 
+def planned_steps(g, steps_per_epoch: int) -> int:
+    """Optimizer steps the run trains in all: Global.epochs of them, or Global.max_steps."""
+    total = g.epochs * steps_per_epoch
+    return min(total, g.max_steps) if g.max_steps else total
+
+
 class Progress:
     """Turns the engine's per-window sums into progress lines and per-epoch records."""
 
@@ -179,7 +185,7 @@ class Progress:
         self.epoch_losses.append((values["loss"], count))
         self.log.progress(epoch=state.epoch, epochs=self.cfg.Global.epochs, step=state.step_in_epoch,
                           steps=self.steps_per_epoch, global_step=state.global_step,
-                          total_steps=self.cfg.Global.epochs * self.steps_per_epoch,
+                          total_steps=planned_steps(self.cfg.Global, self.steps_per_epoch),
                           loss=values["loss"], lr=self.lr_sched.get_lr(), img_s=img_s,
                           data_frac=values["data_s"] / max(busy, 1e-9),
                           loss_scale=values["loss_scale"], elapsed=now - self.t_start,
@@ -194,7 +200,10 @@ class Progress:
                   "epoch_time_s": round(now - self.t_epoch, 3)}
         if metrics is not None:
             record.update({f"eval_{k}": v for k, v in metrics.items()})
-            self.log.info(f"[eval] epoch {self.state.epoch}: top1 {metrics['top1']:.4f} "
+            st = self.state  # after an epoch's end, or mid-epoch at Global.max_steps
+            where = (f"end of epoch {st.epoch}" if st.step_in_epoch == 0 else
+                     f"epoch {st.epoch + 1} step {st.step_in_epoch}/{self.steps_per_epoch}")
+            self.log.info(f"[eval] {where} (global step {st.global_step}): top1 {metrics['top1']:.4f} "
                           f"top5 {metrics['top5']:.4f} loss {metrics['loss']:.4f} "
                           f"({metrics['images']} images)")
         self.log.epoch_record(record)
