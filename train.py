@@ -170,6 +170,11 @@ def prepare_training(cfg, ctx, model, amp, val_loader, stopper, log):
                "base_lr": lr_sched.schedule.base_lr, "steps_per_epoch": steps_per_epoch,
                "train_images": train_loader.num_samples}
     log.info("[run] derived: " + json.dumps(derived))
+    planned = planned_steps(cfg.Global, steps_per_epoch)
+    if lr_sched.schedule.warmup_steps >= planned:
+        log.info(f"[lr] the warmup ({lr_sched.schedule.warmup_steps} steps: "
+                 f"Optimizer.lr.warmup_epoch / warmup_steps) lasts the whole run of {planned} "
+                 f"steps: the LR only rises and ends at its peak, it never decays")
     state = TrainState()
     resumed = resume(cfg, training.model, training.optimizer, amp, state, steps_per_epoch, log=log.info)
     lr_sched.seek(state.global_step)

@@ -376,6 +376,7 @@ def build_state_dict(cfg, model, optimizer, amp, state, steps_per_epoch: int) ->
         "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
         "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
         "global_step": state.global_step, "best_metric": state.best_metric,
+        "epoch_loss_sum": state.epoch_loss_sum, "epoch_loss_steps": state.epoch_loss_steps,
         "rng": rng_states(), "config": cfg.to_dict(), "code_version": code_version(),
         "world_size": world,
         # The position in the epoch is in steps of this batch (resume on another

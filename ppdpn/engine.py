@@ -133,6 +133,10 @@ class TrainState:
     global_step: int = 0
     best_metric: float = -1.0
     skipped_in_a_row: int = 0
+    # The epoch's reported training loss so far (sum over steps, and their count): in the
+    # checkpoint, so an epoch resumed midway still reports the loss of all its steps.
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
 
 
 class TimedBatches:

@@ -171,7 +171,6 @@ class Progress:
         self.global_batch = global_batch
         self.start_step = state.global_step
         self.t_start = self.t_window = self.t_epoch = time.perf_counter()
-        self.epoch_losses = []
         self.state = state
 
     def overflow(self, state, skipped: int) -> None:
@@ -182,7 +181,8 @@ class Progress:
         img_s = count * self.global_batch / max(now - self.t_window, 1e-9)
         busy = values["data_s"] + values["compute_s"]
         self.t_window = now
-        self.epoch_losses.append((values["loss"], count))
+        state.epoch_loss_sum += values["loss"] * count
+        state.epoch_loss_steps += count
         self.log.progress(epoch=state.epoch, epochs=self.cfg.Global.epochs, step=state.step_in_epoch,
                           steps=self.steps_per_epoch, global_step=state.global_step,
                           total_steps=planned_steps(self.cfg.Global, self.steps_per_epoch),
@@ -193,21 +193,24 @@ class Progress:
 
     def end_epoch(self, metrics) -> None:
         now = time.perf_counter()
-        n = sum(c for _, c in self.epoch_losses)
-        train_loss = sum(l * c for l, c in self.epoch_losses) / n if n else None
+        st = self.state
+        n = st.epoch_loss_steps
+        train_loss = st.epoch_loss_sum / n if n else None
         record = {"epoch": self.state.epoch, "global_step": self.state.global_step,
                   "train_loss": train_loss, "lr": self.lr_sched.get_lr(),
                   "epoch_time_s": round(now - self.t_epoch, 3)}
         if metrics is not None:
             record.update({f"eval_{k}": v for k, v in metrics.items()})
-            st = self.state  # after an epoch's end, or mid-epoch at Global.max_steps
+            # after an epoch's end, or mid-epoch at Global.max_steps
             where = (f"end of epoch {st.epoch}" if st.step_in_epoch == 0 else
                      f"epoch {st.epoch + 1} step {st.step_in_epoch}/{self.steps_per_epoch}")
             self.log.info(f"[eval] {where} (global step {st.global_step}): top1 {metrics['top1']:.4f} "
                           f"top5 {metrics['top5']:.4f} loss {metrics['loss']:.4f} "
                           f"({metrics['images']} images)")
         self.log.epoch_record(record)
-        self.epoch_losses, self.t_epoch = [], now
+        if st.step_in_epoch == 0:  # a whole epoch: the next one starts its own sum
+            st.epoch_loss_sum, st.epoch_loss_steps = 0.0, 0
+        self.t_epoch = now
 
 
 def log_sample_images(loader, log, cfg) -> None:

@@ -55,6 +55,8 @@ def resume(cfg, model, optimizer, amp, state, steps_per_epoch: int, log=print):
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: optimizer/scaler/RNG state does not fit this run "
                               f"({type(e).__name__}: {str(e)[:200]})") from e
+    state.epoch_loss_sum = float(ckpt.get("epoch_loss_sum", 0.0))  # absent before December
+    state.epoch_loss_steps = int(ckpt.get("epoch_loss_steps", 0))
     for key in ("epoch", "step_in_epoch", "global_step", "best_metric"):
         setattr(state, key, ckpt[key])
     was = ckpt.get("world_size", 1)
