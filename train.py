@@ -73,6 +73,10 @@ def seed_everything(seed: int) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)
+    if cfg.Global.device == "gpu" and dist.gpu_count() == 0:
+        raise ConfigError(f"{args.config}: Global.device=gpu but Paddle sees no GPU (a CPU "
+                          f"build of Paddle, or CUDA_VISIBLE_DEVICES hides them); use "
+                          f"Global.device=auto or cpu")
     # Installed before the slow set-up so an early SIGUSR1/SIGTERM is not lost.
     stopper = StopSignal(signal.SIGUSR1, signal.SIGTERM)
     ctx = dist.init_distributed(cfg.Global.device, amp=cfg.AMP.use_amp,

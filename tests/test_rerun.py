@@ -41,3 +41,10 @@ def test_a_warmup_as_long_as_the_run_is_said(tiny_data, tmp_path):
     run_train(["-c", "configs/demo.yaml", "-o"] + tiny_overrides(
         tiny_data, out, **{"Global.epochs": 1, "Optimizer.lr.warmup_epoch": 1}))
     assert "lasts the whole run of 8 steps" in (out / "train.log").read_text()
+
+
+def test_device_gpu_without_a_gpu_is_a_config_error(tiny_data, tmp_path):
+    proc = run_train(["-c", "configs/demo.yaml", "-o"] + tiny_overrides(
+        tiny_data, tmp_path / "run", **{"Global.device": "gpu"}), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "config error:" in proc.stderr and "Global.device=gpu" in proc.stderr
