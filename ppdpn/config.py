@@ -317,6 +317,12 @@ def load_config(path: Optional[str] = None, overrides=()) -> Config:
             raise ConfigError(f"{src}: not valid YAML: {e.__class__.__name__}: {str(e)[:300]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{src}: top level must be a mapping of sections")
+    from ppdpn import paddleclas
+    if paddleclas.is_paddleclas_layout(raw):
+        # A PaddleClas recipe as it is: its -o overrides (list indexes too) apply to its
+        # own layout, then it is translated into this schema and checked like ours.
+        raw, src = paddleclas.translate(raw, overrides, src)
+        overrides = ()
     for text in overrides:
         parts, value = parse_override(text)
         _apply_override(raw, parts, value, text)
@@ -352,3 +358,8 @@ def save_resolved(cfg: Config, out_dir: str, extra: Optional[dict] = None) -> Pa
     tmp.write_text(yaml.safe_dump(json.loads(json.dumps(doc)), sort_keys=False))
     tmp.replace(path)
     return path
+
+
+if __name__ == "__main__":  # python -m ppdpn.config --from-paddleclas FILE
+    from ppdpn.paddleclas import main
+    raise SystemExit(main())
