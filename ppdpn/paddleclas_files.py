@@ -1,0 +1,165 @@
+"""PaddleClas's files on disk: a training run's checkpoint prefix, and an export folder.
+
+Checkpoint (ppcls/utils/save_load.py, written at every epoch end): `Global.checkpoints`
+names a prefix, e.g. `output/DPN68/latest`, standing for
+  latest.pdparams  the model's state_dict under PaddleClas's layer names, plus paddle.save's
+                   "StructuredToParameterName@@" table (layer name -> parameter name)
+  latest.pdopt     a list of optimizer state_dicts: `<parameter name>_velocity_0` per
+                   trainable tensor for Momentum, `master_weights` under multi_precision,
+                   and `LR_Scheduler`
+  latest.pdstates  {"epoch": epochs done, "metric": top-1 of the last eval}
+  latest.pdema     with EMA on: the raw training weights (.pdparams then holds the average)
+`load_checkpoint_prefix` turns them into the dict `ppdpn.checkpoint.load_checkpoint`
+returns, at the epoch boundary where PaddleClas stopped, through the same allow-listed
+unpickler (plus `tuple`: paddle.save pickles each optimizer tensor as (name, array)).
+
+Export folder (ppcls/engine/engine.py export, tools/export_model.py): `inference.json` (PIR)
+or `inference.pdmodel`, + `inference.pdiparams`, and, when PaddleClas wrote it,
+`inference.yml` whose PreProcess.transform_ops hold the eval transform.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from ppdpn.checkpoint import CheckpointError
+from ppdpn.models.weights import PADDLE_SAVE_META_KEY, WeightsError, _ArrayUnpickler, paddleclas_key_map
+
+SUFFIXES = (".pdparams", ".pdopt", ".pdstates")
+VELOCITY = "_velocity_0"  # paddle.optimizer.Momentum's accumulator suffix
+
+
+def is_checkpoint_prefix(path) -> bool:
+    """True for PaddleClas's `output/DPN68/latest` (no such file; latest.pdparams exists)."""
+    p = str(path)
+    return not os.path.exists(p) and os.path.isfile(p + ".pdparams")
+
+
+class _OptimizerUnpickler(_ArrayUnpickler):
+    """The weights unpickler plus `tuple`, which rebuilds (name, array) pairs only."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file, path)
+        self.allowed = {**self.allowed, ("builtins", "tuple"): tuple}
+
+
+def _load(path: str, unpickler=_ArrayUnpickler):
+    try:
+        with open(path, "rb") as f:
+            return unpickler(f, path).load()
+    except pickle.UnpicklingError as e:  # UnsafePickleError included: names the global
+        raise CheckpointError(f"cannot load {path}: {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+    except Exception as e:  # noqa: BLE001 - truncated/garbage bytes fail in many ways
+        raise CheckpointError(f"{path} is not a readable PaddleClas file "
+                              f"({type(e).__name__}: {str(e)[:120]})") from e
+
+
+def _array(value):
+    """paddle.save stores a tensor inside a list/dict as (name, array)."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], np.ndarray):
+        return value[1]
+    return value
+
+
+def _weights(path: str, model, arch: str):
+    """(ours -> array, PaddleClas parameter name -> ours) from a PaddleClas .pdparams."""
+    raw = _load(path)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a state_dict")
+    names = raw.pop(PADDLE_SAVE_META_KEY, None) or {}
+    try:
+        theirs_to_ours = {v: k for k, v in paddleclas_key_map(model, arch).items()}
+    except TypeError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    weights, param_to_ours = {}, {}
+    for key, value in raw.items():
+        ours = theirs_to_ours.get(key, key)  # an unknown key is reported by resume, by name
+        weights[ours] = np.asarray(_array(value))
+        if isinstance(names, dict) and key in names:
+            param_to_ours[names[key]] = ours
+    return weights, param_to_ours
+
+
+def _optimizer(path: str, param_to_ours: Dict[str, str], model) -> dict:
+    """PaddleClas's Momentum state -> ppdpn's optimizer_state layout (structured names)."""
+    raw = _load(path, _OptimizerUnpickler)
+    if isinstance(raw, list):
+        if len(raw) != 1:
+            raise CheckpointError(f"{path} holds {len(raw)} optimizers; ppdpn continues one "
+                                  f"Momentum optimizer")
+        raw = raw[0]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not an optimizer state")
+    out: dict = {}
+    for key, value in raw.items():
+        if key == "LR_Scheduler":
+            continue  # ppdpn recomputes the LR from the global step (see the caller)
+        if key == "master_weights":
+            out[key] = {_ours(k, param_to_ours, path): _array(v) for k, v in value.items()}
+            continue
+        if not (isinstance(key, str) and key.endswith(VELOCITY)):
+            raise CheckpointError(f"{path}: optimizer state {str(key)[:80]!r} is not Momentum's "
+                                  f"(`<param>{VELOCITY}`); ppdpn continues Momentum runs only")
+        out[_ours(key[:-len(VELOCITY)], param_to_ours, path) + VELOCITY] = _array(value)
+    trainable = [n for n, p in model.named_parameters() if not p.stop_gradient]
+    missing = [n for n in trainable if n + VELOCITY not in out]
+    if missing:
+        raise CheckpointError(f"{path} has no momentum buffer for {len(missing)} parameter(s): "
+                              f"{', '.join(missing[:5])}")
+    return out
+
+
+def _ours(param_name: str, param_to_ours: Dict[str, str], path: str) -> str:
+    if param_name not in param_to_ours:
+        raise CheckpointError(f"{path}: optimizer state for parameter {param_name!r}, which the "
+                              f".pdparams name table does not list")
+    return param_to_ours[param_name]
+
+
+def _states(path: str) -> dict:
+    raw = _load(path)
+    epoch, metric = (raw.get("epoch"), raw.get("metric")) if isinstance(raw, dict) else (None, None)
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise CheckpointError(f"{path}: 'epoch' is missing or not a count ({epoch!r})")
+    if not isinstance(metric, (int, float)) or isinstance(metric, bool) or not math.isfinite(metric):
+        metric = -1.0  # PaddleClas writes 0 before the first eval; nothing to compare against
+    return {"epoch": epoch, "metric": float(metric)}
+
+
+def load_checkpoint_prefix(prefix, cfg, model, steps_per_epoch: int, global_batch: int,
+                           log: Callable = print) -> dict:
+    """A ppdpn checkpoint dict (see session.build_state_dict) from PaddleClas's files."""
+    prefix = str(prefix)
+    missing = [prefix + s for s in SUFFIXES if not os.path.isfile(prefix + s)]
+    if missing:
+        raise CheckpointError(f"PaddleClas checkpoint {prefix}: missing {', '.join(missing)}")
+    ema = prefix + ".pdema"
+    raw_weights = ema if os.path.isfile(ema) else prefix + ".pdparams"
+    weights, param_to_ours = _weights(raw_weights, model, cfg.Arch.name)
+    optimizer = _optimizer(prefix + ".pdopt", param_to_ours, model)
+    states = _states(prefix + ".pdstates")
+    best = Path(prefix).parent / "best_model.pdstates"
+    best_metric = max(states["metric"], _states(str(best))["metric"] if best.is_file() else -1.0)
+    if raw_weights == ema:
+        log(f"[resume] {ema}: training weights taken from it; the EMA average in "
+            f"{prefix}.pdparams is not carried over (ppdpn keeps no EMA)")
+    log(f"[resume] PaddleClas checkpoint {prefix}: {states['epoch']} epochs done, best top-1 "
+        f"{best_metric:.4f}; AMP loss scale (not saved by PaddleClas) starts again from "
+        f"AMP.scale_loss")
+    from ppdpn import dist
+    # Paddle's set_state_dict wants the scheduler's keys; train.py then sets the step itself.
+    optimizer["LR_Scheduler"] = {"last_epoch": states["epoch"] * steps_per_epoch - 1,
+                                 "last_lr": 0.0}
+    return {"model": weights, "optimizer": optimizer, "scaler": None,
+            "epoch": states["epoch"], "step_in_epoch": 0,
+            "global_step": states["epoch"] * steps_per_epoch, "best_metric": best_metric,
+            "rng": None, "config": cfg.to_dict(), "world_size": dist.context().world_size,
+            "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+            "arch": cfg.Arch.name}

@@ -1,0 +1,159 @@
+"""PaddleClas's files: continuing a run from its checkpoint prefix, predicting with its
+export folder. The files are written here in PaddleClas's format (paddle.save of the
+state_dict, of [optimizer.state_dict()], of {"metric", "epoch"}), never copied in."""
+import json
+import pickle
+
+import numpy as np
+import paddle
+import pytest
+import yaml
+
+from ppdpn.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from ppdpn.config import load_config
+from ppdpn.models import create_model
+from ppdpn.models.weights import paddleclas_key_map
+from ppdpn.paddleclas_files import is_checkpoint_prefix, load_checkpoint_prefix
+from tests.conftest import run_train
+from tests.test_paddleclas import paddleclas_recipe
+
+
+def tiny_recipe(data_dir, out_dir, tmp_path, name="tiny_paddleclas.yaml"):
+    """A PaddleClas-layout recipe for the tiny data set: DenseNetTiny, 32 px, batch 8."""
+    doc = paddleclas_recipe("DPN68")
+    g = doc["Global"]
+    g.update(output_dir=str(out_dir), device="cpu", epochs=2, print_batch_step=2,
+             deterministic=True, seed=0)  # the last two are ppdpn's own keys
+    doc["Arch"] = {"name": "DenseNetTiny", "class_num": 4}
+    doc["Optimizer"]["lr"]["learning_rate"] = 0.05
+    for part, crop in (("Train", 1), ("Eval", 2)):
+        dl = doc["DataLoader"][part]
+        dl["dataset"].update(image_root=str(data_dir),
+                             cls_label_path=str(data_dir / f"{part.lower().replace('eval', 'val')}_list.txt"))
+        dl["sampler"]["batch_size"] = 8
+        dl["loader"]["num_workers"] = 1
+        ops = dl["dataset"]["transform_ops"]
+        ops[crop]["RandCropImage" if part == "Train" else "CropImage"]["size"] = 32
+    doc["DataLoader"]["Eval"]["dataset"]["transform_ops"][1]["ResizeImage"]["resize_short"] = 36
+    doc["Infer"]["transforms"][1]["ResizeImage"]["resize_short"] = 36
+    doc["Infer"]["transforms"][2]["CropImage"]["size"] = 32
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(path)
+
+
+def write_paddleclas_checkpoint(ckpt: dict, prefix, arch="DenseNetTiny", classes=4,
+                                velocity_suffix="_velocity_0"):
+    """What PaddleClas's save_model writes for a Momentum run at the end of an epoch."""
+    model = create_model(arch, num_classes=classes)
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in ckpt["model"].items()})
+    key_map = paddleclas_key_map(model, arch)
+    state = model.state_dict()
+    paddle.save({key_map[k]: v for k, v in state.items()}, f"{prefix}.pdparams")
+    names = {n: p.name for n, p in model.named_parameters()}
+    opt = {}
+    for key, value in ckpt["optimizer"].items():
+        if key.endswith("_velocity_0"):
+            param = names[key[:-len("_velocity_0")]]
+            tensor = paddle.to_tensor(value)
+            tensor.name = param + velocity_suffix
+            opt[tensor.name] = tensor
+    opt["LR_Scheduler"] = {"last_epoch": ckpt["global_step"], "last_lr": 0.04}
+    paddle.save([opt], f"{prefix}.pdopt")
+    paddle.save({"metric": ckpt["best_metric"], "epoch": ckpt["epoch"]}, f"{prefix}.pdstates")
+
+
+def test_run_continued_from_paddleclas_files_ends_where_ours_does(tiny_data, tmp_path):
+    straight = tmp_path / "straight"
+    run_train(["-c", tiny_recipe(tiny_data, straight, tmp_path)])
+    ckpts = list_checkpoints(straight / "checkpoints")
+    first_epoch = load_checkpoint([p for p in ckpts if p.name == "ckpt-00000008.pdckpt"][0])
+    assert (first_epoch["epoch"], first_epoch["step_in_epoch"]) == (1, 0)
+    # PaddleClas's output/DenseNetTiny/latest.* holding the same state after epoch 1.
+    pc_dir = tmp_path / "paddleclas_output" / "DenseNetTiny"
+    pc_dir.mkdir(parents=True)
+    write_paddleclas_checkpoint(first_epoch, pc_dir / "latest")
+    assert is_checkpoint_prefix(pc_dir / "latest")
+
+    continued = tmp_path / "continued"
+    proc = run_train(["-c", tiny_recipe(tiny_data, continued, tmp_path, "again.yaml"),
+                      "-o", f"Global.checkpoints={pc_dir / 'latest'}"])
+    log = (continued / "train.log").read_text()
+    assert "PaddleClas checkpoint" in log and "starting at global step 8 of 16" in log
+    ours = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1])
+    theirs = load_checkpoint(list_checkpoints(continued / "checkpoints")[-1])
+    assert theirs["global_step"] == ours["global_step"] == 16
+    for key, value in ours["model"].items():
+        np.testing.assert_array_equal(theirs["model"][key], value, err_msg=key)
+    for key, value in ours["optimizer"].items():
+        if key.endswith("_velocity_0"):
+            np.testing.assert_array_equal(theirs["optimizer"][key], value, err_msg=key)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["top1"] == pytest.approx(
+        json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])["eval_top1"])
+
+
+@pytest.fixture(scope="module")
+def fake_state():
+    """A DenseNetTiny checkpoint dict with non-zero momentum buffers."""
+    model = create_model("DenseNetTiny", num_classes=4)
+    rng = np.random.default_rng(0)
+    return {"model": {k: v.numpy() for k, v in model.state_dict().items()},
+            "optimizer": {f"{n}_velocity_0": rng.standard_normal(p.shape).astype("float32")
+                          for n, p in model.named_parameters()},
+            "epoch": 3, "global_step": 24, "best_metric": 0.5}
+
+
+def _load(prefix, tmp_path, logs=None):
+    cfg = load_config(tiny_recipe(tmp_path, tmp_path / "out", tmp_path))
+    model = create_model("DenseNetTiny", num_classes=4)
+    return load_checkpoint_prefix(prefix, cfg, model, steps_per_epoch=8, global_batch=8,
+                                  log=(logs.append if logs is not None else print))
+
+
+def test_paddleclas_checkpoint_converts_to_ours(fake_state, tmp_path):
+    write_paddleclas_checkpoint(fake_state, tmp_path / "latest")
+    paddle.save({"metric": 0.75, "epoch": 2}, str(tmp_path / "best_model.pdstates"))
+    ckpt = _load(tmp_path / "latest", tmp_path)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (3, 0, 24)
+    assert ckpt["best_metric"] == 0.75  # best_model.pdstates beside it holds the best
+    for key, value in fake_state["optimizer"].items():
+        np.testing.assert_array_equal(ckpt["optimizer"][key], value)
+    for key, value in fake_state["model"].items():
+        np.testing.assert_array_equal(ckpt["model"][key], value)
+
+
+def test_pdema_holds_the_training_weights(fake_state, tmp_path):
+    write_paddleclas_checkpoint(fake_state, tmp_path / "latest")
+    # With EMA on, PaddleClas writes the average to .pdparams and the raw weights to .pdema.
+    raw = tmp_path / "latest.pdparams"
+    raw.rename(tmp_path / "latest.pdema")
+    model = create_model("DenseNetTiny", num_classes=4)  # another init: the "average"
+    paddle.save({paddleclas_key_map(model)[k]: v for k, v in model.state_dict().items()}, str(raw))
+    logs = []
+    ckpt = _load(tmp_path / "latest", tmp_path, logs)
+    assert any("EMA average" in line for line in logs)
+    for key, value in fake_state["model"].items():
+        np.testing.assert_array_equal(ckpt["model"][key], value)
+
+
+def test_another_optimizer_is_named(fake_state, tmp_path):
+    write_paddleclas_checkpoint(fake_state, tmp_path / "latest", velocity_suffix="_moment1_0")
+    with pytest.raises(CheckpointError, match=r"_moment1_0.*not Momentum's"):
+        _load(tmp_path / "latest", tmp_path)
+
+
+def test_missing_and_unsafe_files_are_named(fake_state, tmp_path):
+    write_paddleclas_checkpoint(fake_state, tmp_path / "latest")
+    (tmp_path / "latest.pdopt").unlink()
+    with pytest.raises(CheckpointError, match=r"missing .*latest\.pdopt"):
+        _load(tmp_path / "latest", tmp_path)
+    write_paddleclas_checkpoint(fake_state, tmp_path / "latest")
+    (tmp_path / "latest.pdstates").write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(CheckpointError, match=r"refusing posix.system in .*latest\.pdstates"):
+        _load(tmp_path / "latest", tmp_path)
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("true",))
