@@ -163,3 +163,80 @@ def load_checkpoint_prefix(prefix, cfg, model, steps_per_epoch: int, global_batc
             "rng": None, "config": cfg.to_dict(), "world_size": dist.context().world_size,
             "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
             "arch": cfg.Arch.name}
+
+
+# ---------------------------------------------------------------- export folders
+
+PROGRAM_FILES = ("inference.json", "inference.pdmodel")  # PIR (Paddle 3), legacy (2.x)
+INFER_CONFIG = "inference.yml"  # PaddleClas writes it beside the model (dump_infer_config)
+
+
+def is_export_folder(model_dir) -> bool:
+    """A PaddleClas export: a program + inference.pdiparams and no ppdpn preprocess.json."""
+    d = Path(model_dir)
+    return (d.is_dir() and not (d / "preprocess.json").exists()
+            and (d / "inference.pdiparams").is_file()
+            and any((d / name).is_file() for name in PROGRAM_FILES))
+
+
+def read_export_folder(model_dir, backend: str, recipe: Optional[str] = None) -> dict:
+    """The preprocess.json-shaped description of a PaddleClas export folder: from its
+    inference.yml, else from the recipe given with -c; refused when neither exists."""
+    from ppdpn.predict import ModelDirError
+    from ppdpn.preprocess import preprocess_spec
+    d = Path(model_dir)
+    if backend != "paddle":
+        raise ModelDirError(f"{d} is a PaddleClas export (Paddle Inference files, no "
+                            f"model.onnx): use --backend paddle")
+    meta = {"input_name": "x", "source": "PaddleClas export"}  # to_static names it after forward(x)
+    if (d / INFER_CONFIG).is_file():
+        spec, labels = _infer_config(d / INFER_CONFIG)
+        meta.update(preprocess=spec, labels=labels)
+    elif recipe:
+        from ppdpn.config import load_config
+        cfg = load_config(recipe)
+        meta["preprocess"] = preprocess_spec(cfg.DataLoader.resize_short, cfg.DataLoader.image_size)
+    else:
+        raise ModelDirError(f"{d} holds no {INFER_CONFIG} (PaddleClas's preprocessing) and no "
+                            f"preprocess.json (ppdpn's): pass the recipe the model was trained "
+                            f"with, -c RECIPE.yaml, so the images are preprocessed as in training")
+    return meta
+
+
+def _infer_config(path: Path):
+    """PreProcess.transform_ops (ResizeImage, CropImage, NormalizeImage, ToCHWImage) and
+    PostProcess.Topk.label_list of PaddleClas's inference.yml."""
+    import yaml
+
+    from ppdpn.predict import ModelDirError
+    from ppdpn.preprocess import preprocess_spec
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        ops = doc["PreProcess"]["transform_ops"]
+        steps = {}
+        for op in ops:
+            (name, params), = op.items()
+            steps[name] = params or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        raise ModelDirError(f"{path}: not a PaddleClas inference config with "
+                            f"PreProcess.transform_ops ({type(e).__name__}: {str(e)[:120]})") from e
+    unknown = sorted(set(steps) - {"DecodeImage", "ResizeImage", "CropImage", "NormalizeImage",
+                                   "ToCHWImage"})
+    resize, crop, norm = (steps.get(k) for k in ("ResizeImage", "CropImage", "NormalizeImage"))
+    if unknown or not all((resize, crop, norm)) or "resize_short" not in resize:
+        raise ModelDirError(f"{path}: ppdpn.predict runs ResizeImage (resize_short), CropImage, "
+                            f"NormalizeImage, ToCHWImage; this file asks for "
+                            f"{', '.join(steps)}")
+    scale = norm.get("scale", 1 / 255)
+    if isinstance(scale, str) and "/" in scale:
+        num, den = scale.split("/")
+        scale = float(num) / float(den)
+    if abs(float(scale) - 1 / 255) > 1e-6 or norm.get("order", "") not in ("", "hwc"):
+        raise ModelDirError(f"{path}: NormalizeImage scale={norm.get('scale')!r}, order="
+                            f"{norm.get('order')!r}: ppdpn.predict scales by 1/255, HWC")
+    spec = preprocess_spec(int(resize["resize_short"]), int(crop["size"]),
+                           norm.get("mean", [0.485, 0.456, 0.406]),
+                           norm.get("std", [0.229, 0.224, 0.225]))
+    post = (doc.get("PostProcess") or {}).get("Topk") or {}
+    labels = post.get("label_list") if isinstance(post, dict) else None
+    return spec, labels if isinstance(labels, list) else None

@@ -103,7 +103,10 @@ def create_paddle_runner(model_dir, device: str = "cpu", threads: Optional[int] 
     if trt and not device.startswith("gpu"):
         raise ValueError(f"--trt needs a GPU: TensorRT does not run on CPU (device: {device})")
     model_dir = Path(model_dir)
-    config = inference.Config(str(model_dir / PADDLE_FILES[0]), str(model_dir / PADDLE_FILES[1]))
+    program = model_dir / PADDLE_FILES[0]
+    if not program.is_file():  # a PaddleClas export from Paddle 2.x (see paddleclas_files)
+        program = model_dir / "inference.pdmodel"
+    config = inference.Config(str(program), str(model_dir / PADDLE_FILES[1]))
     if device.startswith("gpu"):
         config.enable_use_gpu(256, int(device.split(":")[1]))  # 256 MB initial pool; it grows
         if trt:
@@ -223,7 +226,10 @@ def format_prediction(pred: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppdpn.predict", description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--model", required=True, help="folder written by python -m ppdpn.export")
+    p.add_argument("--model", required=True, help="folder written by python -m ppdpn.export, or "
+                   "a PaddleClas export (inference.json/.pdmodel + .pdiparams, inference.yml or -c)")
+    p.add_argument("-c", "--config", help="for a PaddleClas export folder without inference.yml: "
+                                          "the recipe whose eval transform to apply")
     p.add_argument("--backend", choices=["paddle", "onnx"], default="paddle")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
@@ -242,14 +248,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        meta = read_model_dir(args.model, args.backend)
+        from ppdpn import paddleclas_files
+        if paddleclas_files.is_export_folder(args.model):  # PaddleClas's, no preprocess.json
+            meta = paddleclas_files.read_export_folder(args.model, args.backend, args.config)
+        else:
+            meta = read_model_dir(args.model, args.backend)
         device = select_device(args.device)
         trt = None
         if args.trt:
             trt = TrtOptions(args.trt_precision, args.batch_size,
                              meta["preprocess"]["crop_size"], meta.get("input_name", "image"))
         run = create_runner(args.model, args.backend, device, args.threads or None, trt)
-    except (ModelDirError, ValueError, RuntimeError) as e:
+    except (ModelDirError, ValueError, RuntimeError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     files, errors = list_images(args.inputs)

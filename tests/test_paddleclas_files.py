@@ -157,3 +157,99 @@ class _Evil:
     def __reduce__(self):
         import os
         return (os.system, ("true",))
+
+
+# ---------------------------------------------------------------- export folders
+
+INFER_YML = """Global:
+  inference_model_dir: ./models
+PreProcess:
+  transform_ops:
+    - ResizeImage:
+        resize_short: 36
+    - CropImage:
+        size: 32
+    - NormalizeImage:
+        scale: 0.00392157
+        mean: [0.485, 0.456, 0.406]
+        std: [0.229, 0.224, 0.225]
+        order: ''
+        channel_num: 3
+    - ToCHWImage:
+PostProcess:
+  main_indicator: Topk
+  Topk:
+    topk: 5
+    label_list: [circle, square, stripes, dots]
+"""
+EXPORT_SCRIPT = """import sys, paddle
+from ppdpn.models import create_model
+paddle.seed(5)
+m = create_model("DenseNetTiny", num_classes=4)
+m.eval()
+spec = [paddle.static.InputSpec([None, 3, 32, 32], "float32")]  # no name, as PaddleClas
+paddle.jit.save(paddle.jit.to_static(m, input_spec=spec), sys.argv[1] + "/inference")
+paddle.save(m.state_dict(), sys.argv[1] + "/weights.pdparams")
+"""
+
+
+def _export_like_paddleclas(out, pir=True):
+    """PaddleClas's export: to_static + jit.save, PIR (.json) or legacy (.pdmodel)."""
+    import os
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    out.mkdir()
+    env = {**os.environ, "FLAGS_enable_pir_api": "1" if pir else "0"}
+    subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(out)], cwd=ROOT, env=env,
+                   check=True, capture_output=True, timeout=300)
+    weights = paddle.load(str(out / "weights.pdparams"))
+    (out / "weights.pdparams").unlink()
+    return weights
+
+
+def _predict(args, capsys):
+    from ppdpn.predict import main
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out
+
+
+@pytest.mark.parametrize("pir", [True, False], ids=["inference.json", "inference.pdmodel"])
+def test_predict_runs_a_paddleclas_export_folder(pir, tiny_data, tmp_path, capsys):
+    from ppdpn.preprocess import decode_image, eval_transform
+    folder = tmp_path / "inference"
+    weights = _export_like_paddleclas(folder, pir)
+    (folder / "inference.yml").write_text(INFER_YML)
+    image = sorted((tiny_data).rglob("*.jpg"))[0]
+    code, out = _predict(["--model", str(folder), str(image), "--device", "cpu", "--topk", "2"], capsys)
+    assert code == 0, out.err
+    result = json.loads(out.out.strip().splitlines()[-1])["predictions"][0]["topk"]
+    model = create_model("DenseNetTiny", num_classes=4)
+    model.set_state_dict(weights)
+    model.eval()
+    x = paddle.to_tensor(eval_transform(decode_image(image), 36, 32)[None])
+    probs = paddle.nn.functional.softmax(model(x)).numpy()[0]
+    best = int(probs.argmax())
+    assert probs.max() - probs.min() > 1e-3  # a model that tells the classes apart
+    assert result[0]["class_id"] == best and result[0]["prob"] == pytest.approx(probs[best], abs=1e-5)
+    assert result[0]["label"] == ["circle", "square", "stripes", "dots"][best]
+
+
+def test_export_folder_without_preprocessing_is_refused_then_takes_the_recipe(tiny_data, tmp_path, capsys):
+    folder = tmp_path / "inference"
+    _export_like_paddleclas(folder)
+    image = sorted((tiny_data).rglob("*.jpg"))[0]
+    code, out = _predict(["--model", str(folder), str(image), "--device", "cpu"], capsys)
+    assert code == 2 and "inference.yml" in out.err and "-c RECIPE.yaml" in out.err
+    code, out = _predict(["--model", str(folder), str(image), "--device", "cpu", "--backend", "onnx"],
+                         capsys)
+    assert code == 2 and "--backend paddle" in out.err
+    recipe = tiny_recipe(tiny_data, tmp_path / "out", tmp_path)
+    code, out = _predict(["--model", str(folder), str(image), "--device", "cpu", "-c", recipe], capsys)
+    assert code == 0, out.err
+    assert len(json.loads(out.out.strip().splitlines()[-1])["predictions"]) == 1
+    (folder / "inference.yml").write_text(INFER_YML.replace("ResizeImage:\n        resize_short: 36",
+                                                            "ResizeImage:\n        size: 36"))
+    code, out = _predict(["--model", str(folder), str(image), "--device", "cpu"], capsys)
+    assert code == 2 and "inference.yml" in out.err and "resize_short" in out.err
