@@ -133,6 +133,33 @@ def _states(path: str) -> dict:
     return {"epoch": epoch, "metric": float(metric)}
 
 
+def own_checkpoint_after(prefix, cfg, log: Callable = print) -> Optional[Path]:
+    """The output dir's newest ppdpn checkpoint when it is at or past PaddleClas's epoch.
+
+    A requeued Slurm job (or any rerun) repeats `-o Global.checkpoints=output/DPN68/latest`;
+    the run has gone on since and checkpointed in its own format, so it continues from
+    there instead of going back to PaddleClas's files. Off with Global.auto_resume=false.
+    """
+    import json
+
+    from ppdpn.checkpoint import latest_checkpoint
+    if not cfg.Global.auto_resume:
+        return None
+    own = latest_checkpoint(cfg.Global.output_dir, log=log)
+    if own is None:
+        return None
+    try:
+        epoch = json.loads(own.with_suffix(".json").read_text())["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    theirs = _states(str(prefix) + ".pdstates")["epoch"] if os.path.isfile(str(prefix) + ".pdstates") else 0
+    if not isinstance(epoch, int) or epoch < theirs:
+        return None
+    log(f"[resume] {own} (epoch {epoch}) continues the PaddleClas run {prefix} (epoch {theirs}): "
+        f"resuming from it, not from PaddleClas's files")
+    return own
+
+
 def load_checkpoint_prefix(prefix, cfg, model, steps_per_epoch: int, global_batch: int,
                            log: Callable = print) -> dict:
     """A ppdpn checkpoint dict (see session.build_state_dict) from PaddleClas's files."""

@@ -90,6 +90,11 @@ def test_run_continued_from_paddleclas_files_ends_where_ours_does(tiny_data, tmp
             np.testing.assert_array_equal(theirs["optimizer"][key], value, err_msg=key)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["top1"] == pytest.approx(
         json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])["eval_top1"])
+    # The same command again (a requeued job) goes on from its own checkpoint.
+    run_train(["-c", tiny_recipe(tiny_data, continued, tmp_path, "again.yaml"),
+               "-o", f"Global.checkpoints={pc_dir / 'latest'}"])
+    log = (continued / "train.log").read_text()
+    assert "continues the PaddleClas run" in log and "starting at global step 16 of 16" in log
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +258,20 @@ def test_export_folder_without_preprocessing_is_refused_then_takes_the_recipe(ti
                                                             "ResizeImage:\n        size: 36"))
     code, out = _predict(["--model", str(folder), str(image), "--device", "cpu"], capsys)
     assert code == 2 and "inference.yml" in out.err and "resize_short" in out.err
+
+
+def test_a_rerun_continues_from_its_own_checkpoint_not_paddleclas_files(fake_state, tmp_path):
+    """A requeued job repeats -o Global.checkpoints=PREFIX: it must not go back in time."""
+    from ppdpn.checkpoint import save_checkpoint
+    from ppdpn.paddleclas_files import own_checkpoint_after
+    write_paddleclas_checkpoint(fake_state, tmp_path / "latest")  # epoch 3
+    cfg = load_config(tiny_recipe(tmp_path, tmp_path / "out", tmp_path))
+    assert own_checkpoint_after(tmp_path / "latest", cfg) is None  # nothing of ours yet
+    save_checkpoint({"model": {}, "global_step": 20, "epoch": 2}, tmp_path / "out" / "checkpoints")
+    assert own_checkpoint_after(tmp_path / "latest", cfg) is None  # older than theirs
+    newer = save_checkpoint({"model": {}, "global_step": 28, "epoch": 3},
+                            tmp_path / "out" / "checkpoints")
+    assert own_checkpoint_after(tmp_path / "latest", cfg) == newer
+    off = load_config(tiny_recipe(tmp_path, tmp_path / "out", tmp_path),
+                      ["Global.auto_resume=false"])
+    assert own_checkpoint_after(tmp_path / "latest", off) is None
