@@ -132,6 +132,12 @@ def apply_override(raw: dict, text: str) -> None:
 
 def translate(raw: dict, overrides=(), src: str = "<paddleclas>") -> Tuple[dict, str]:
     """PaddleClas recipe dict (+ its -o overrides) -> ppdpn raw dict and the source name."""
+    out, src, notes = _translate(raw, overrides, src)
+    _log_ignored(src, notes)
+    return out, src
+
+
+def _translate(raw: dict, overrides, src: str) -> Tuple[dict, str, List[str]]:
     raw = copy.deepcopy(raw)
     for text in overrides:
         apply_override(raw, text)
@@ -151,8 +157,7 @@ def translate(raw: dict, overrides=(), src: str = "<paddleclas>") -> Tuple[dict,
     _infer(top.sub("Infer"), out, notes)
     _metric(top.sub("Metric"))
     top.refuse_rest("Global, Arch, Loss, Optimizer, AMP, DataLoader, Infer, Metric")
-    _log_ignored(src, notes)
-    return {k: v for k, v in out.items() if v}, src
+    return {k: v for k, v in out.items() if v}, src, notes
 
 
 def _native(reader: _Reader, section: str, out: dict) -> None:
@@ -347,10 +352,16 @@ def recipe_text(path: str, overrides=()) -> str:
     from ppdpn.config import Config, load_config
     cfg = load_config(path, overrides)
     diff = _differences(cfg.to_dict(), Config().to_dict()) or {}
-    head = (f"# ppdpn recipe translated from the PaddleClas recipe {path}\n"
-            f"# (python -m ppdpn.config --from-paddleclas); only what differs from ppdpn's "
-            f"defaults.\n")
-    return head + yaml.safe_dump(diff, sort_keys=False, default_flow_style=False)
+    with open(path, encoding="utf-8") as f:
+        _, _, notes = _translate(yaml.safe_load(f), overrides, path)
+    head = [f"ppdpn recipe translated from the PaddleClas recipe {path}",
+            "(python -m ppdpn.config --from-paddleclas); only what differs from ppdpn's defaults.",
+            f"LR: Optimizer.lr values are for a global batch of {cfg.Optimizer.lr.base_batch_size}"
+            f" (PaddleClas's 4 GPUs x 64) and scale with the global batch; "
+            f"Optimizer.lr.scale_with_batch: false keeps them fixed, as PaddleClas does."]
+    head += [f"ignored (no meaning in ppdpn): {n}: {IGNORED[n]}" for n in notes]
+    return ("".join(f"# {line}\n" for line in head)
+            + yaml.safe_dump(diff, sort_keys=False, default_flow_style=False))
 
 
 def main(argv=None) -> int:

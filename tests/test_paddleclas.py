@@ -223,7 +223,9 @@ def test_printed_translation_loads_to_the_same_config(model, tmp_path):
     ours = tmp_path / "ours.yaml"
     ours.write_text(text)
     assert load_config(str(ours)) == load_config(path)
-    assert "image_shape" not in text and "Train" not in text  # only our keys, only differences
+    body = "".join(line for line in text.splitlines(True) if not line.startswith("#"))
+    assert "image_shape" not in body and "Train" not in body  # only our keys, only differences
+    assert "# ignored (no meaning in ppdpn): Global.image_shape" in text
     expected = {"output_dir", "device", "visualdl"} | ({"epochs"} if model in DENSENETS else set())
     assert set(yaml.safe_load(text)["Global"]) == expected  # DPN's 200 epochs is the default
     # The command line prints the same text; a ppdpn recipe is refused with exit 2.
