@@ -151,8 +151,8 @@ def _translate(raw: dict, overrides, src: str) -> Tuple[dict, str, List[str]]:
     _global(top.sub("Global"), out, notes)
     _arch(top.sub("Arch"), out)
     _loss(top.sub("Loss"), out, notes)
-    _optimizer(top.sub("Optimizer"), out)
     _amp(top.sub("AMP"), out)
+    _optimizer(top.sub("Optimizer"), out)
     translate_dataloader(top.sub("DataLoader"), out, notes)
     _infer(top.sub("Infer"), out, notes)
     _metric(top.sub("Metric"))
@@ -282,7 +282,9 @@ def _optimizer(opt: _Reader, out: dict) -> None:
     if "one_dim_param_no_weight_decay" in opt.raw:
         o["no_decay_bn_bias"] = opt.take("one_dim_param_no_weight_decay")
     # ppdpn keeps fp32 master weights whenever AMP runs (Paddle's multi_precision).
-    opt.expect("multi_precision", (None, True, False), "must be true or false")
+    if opt.expect("multi_precision", (None, True, False), "must be true or false") is False \
+            and out["AMP"].get("use_amp"):
+        opt.fail("multi_precision", False, "ppdpn keeps fp32 master weights whenever AMP is on")
     if isinstance(opt.raw.get("lr"), dict):
         lr = _Reader(opt.raw["lr"], opt.key("lr"), opt.src)
         lr.expect("by_epoch", (None, False), "ppdpn decays the LR every iteration")

@@ -202,6 +202,9 @@ def test_use_promote_false_under_o2_is_refused(tmp_path):
         load_config(write(tmp_path, doc))
     doc["AMP"]["level"] = "O1"  # Paddle applies use_promote under O2 only
     assert load_config(write(tmp_path, doc)).AMP.level == "O1"
+    doc["Optimizer"]["multi_precision"] = False
+    with pytest.raises(ConfigError, match="multi_precision.*master weights"):
+        load_config(write(tmp_path, doc))
 
 
 def test_ignored_keys_are_listed_in_one_log_line(tmp_path, caplog):
