@@ -240,3 +240,20 @@ def test_printed_translation_loads_to_the_same_config(model, tmp_path):
                           str(ROOT / "configs" / "dpn68.yaml")], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "not a PaddleClas recipe" in bad.stderr
+
+
+def test_launch_sh_reads_a_paddleclas_recipe_before_anything_starts(tmp_path):
+    from tests.test_launch import launcher_argv, run_launch
+    no_gpu = "/usr/bin:/bin"  # no nvidia-smi: a CPU node
+    doc = paddleclas_recipe("DenseNet121")
+    doc["Global"]["output_dir"] = str(tmp_path / "out")
+    path = write(tmp_path, doc)
+    argv = launcher_argv(run_launch([path, "-o", "DataLoader.Train.sampler.batch_size=32"], no_gpu,
+                                    env={"DRY_RUN": "1"}))
+    assert argv[argv.index("--log_dir") + 1] == f"{tmp_path / 'out'}/log"
+    assert argv[-4:] == ["-c", path, "-o", "DataLoader.Train.sampler.batch_size=32"]
+    doc["DataLoader"]["Train"]["dataset"]["transform_ops"].insert(
+        2, {"RandAugment": {"num_layers": 2}})
+    proc = run_launch([write(tmp_path, doc, "augmented.yaml")], no_gpu)
+    assert proc.returncode == 2 and "RandAugment" in proc.stderr
+    assert not (tmp_path / "out").exists(), "the launcher ran"
