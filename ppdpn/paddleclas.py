@@ -314,7 +314,7 @@ def _infer(infer: _Reader, out: dict, notes: List[str]) -> None:
     ops = _op_list(infer, "transforms")
     if ops:  # must describe the eval transform ppdpn exports, or predictions would differ
         from ppdpn.paddleclas_data import eval_transform
-        seen = eval_transform(ops, {})
+        seen = eval_transform(ops, {}, infer, "transforms")
         d = out["DataLoader"]
         for key in ("resize_short", "image_size"):
             if key in seen and key in d and seen[key] != d[key]:

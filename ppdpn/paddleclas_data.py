@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Tuple
 
-from ppdpn.config import ConfigError
 from ppdpn.paddleclas import _EVAL_OPS, _TRAIN_OPS, _native, _op_list, _Reader
 from ppdpn.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -60,11 +59,11 @@ def _dataset(ds: _Reader, part: str, d: dict, notes: List[str]):
     ds.expect("delimiter", (None, " "), "ppdpn's list files are separated by one space")
     ops = _op_list(ds, "transform_ops")
     if part == "Train":
-        train_transform(ops, d)
+        train_transform(ops, d, ds)
         _batch_ops(_op_list(ds, "batch_transform_ops"), ds, d)
         ds.refuse_rest("name, image_root, cls_label_path, transform_ops, batch_transform_ops")
     else:
-        seen = eval_transform(ops, d)
+        seen = eval_transform(ops, d, ds)
         for key, value in seen.items():
             _same(ds, "transform_ops", value, d, key)
         ds.refuse_rest("name, image_root, cls_label_path, transform_ops")
@@ -141,13 +140,15 @@ def _resample(p: _Reader) -> None:
     p.expect("backend", (None, "cv2"), "ppdpn resizes with OpenCV")
 
 
-def train_transform(ops: List[Tuple[str, _Reader]], d: dict) -> None:
+def train_transform(ops: List[Tuple[str, _Reader]], d: dict, owner: _Reader,
+                    name: str = "transform_ops") -> None:
     _known_ops(ops, _TRAIN_OPS, "ppdpn's train transform is " + _TRAIN_OPS +
                " (+ MixupOperator or CutmixOperator in batch_transform_ops)")
     names = [op for op, _ in ops]
     for needed in ("DecodeImage", "RandCropImage", "RandFlipImage", "NormalizeImage"):
         if names.count(needed) != 1:
-            raise _missing(ops, needed, _TRAIN_OPS)
+            owner.fail(name, names, f"must hold {needed} once; ppdpn's train transform is "
+                                    f"{_TRAIN_OPS}")
     for op, p in ops:
         if op == "DecodeImage":
             _decode(p)
@@ -169,14 +170,16 @@ def train_transform(ops: List[Tuple[str, _Reader]], d: dict) -> None:
             p.refuse_rest("no parameters")
 
 
-def eval_transform(ops: List[Tuple[str, _Reader]], d: dict) -> Dict[str, int]:
+def eval_transform(ops: List[Tuple[str, _Reader]], d: dict, owner: _Reader,
+                   name: str = "transform_ops") -> Dict[str, int]:
     """Check an eval (or Infer) transform; return {resize_short, image_size} it sets."""
     seen: Dict[str, int] = {}
     _known_ops(ops, _EVAL_OPS, "ppdpn's eval transform is " + _EVAL_OPS)
     names = [op for op, _ in ops]
     for needed in ("ResizeImage", "CropImage", "NormalizeImage"):
         if names.count(needed) != 1:
-            raise _missing(ops, needed, _EVAL_OPS)
+            owner.fail(name, names, f"must hold {needed} once; ppdpn's eval transform is "
+                                    f"{_EVAL_OPS}")
     for op, p in ops:
         if op == "DecodeImage":
             _decode(p)
@@ -201,12 +204,6 @@ def _known_ops(ops, names: str, why: str) -> None:
     for op, p in ops:
         if op not in names.replace(" (resize_short)", "").split(", "):
             p.fail("", op, why)
-
-
-def _missing(ops, needed: str, supported: str):
-    where = ops[0][1].where.rsplit("[", 1)[0] if ops else "transform_ops"
-    return ConfigError(f"{ops[0][1].src if ops else ''}: PaddleClas {where} must hold "
-                       f"{needed} once; ppdpn's transform is {supported}")
 
 
 def _batch_ops(ops: List[Tuple[str, _Reader]], ds: _Reader, d: dict) -> None:

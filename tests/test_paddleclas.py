@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ppdpn.config import ConfigError, load_config
 from ppdpn.paddleclas import recipe_text
@@ -257,3 +259,33 @@ def test_launch_sh_reads_a_paddleclas_recipe_before_anything_starts(tmp_path):
     proc = run_launch([write(tmp_path, doc, "augmented.yaml")], no_gpu)
     assert proc.returncode == 2 and "RandAugment" in proc.stderr
     assert not (tmp_path / "out").exists(), "the launcher ran"
+
+
+def _paths(node, prefix=()):
+    """Every key path into a recipe dict, list items included."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield prefix + (key,)
+        yield from _paths(value, prefix + (key,))
+
+
+_RECIPE_PATHS = list(_paths(paddleclas_recipe("DPN68")))
+_values = st.recursive(st.none() | st.booleans() | st.integers(-10 ** 20, 10 ** 20) | st.floats()
+                       | st.text(max_size=12), lambda inner: st.lists(inner, max_size=3)
+                       | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(path=st.sampled_from(_RECIPE_PATHS), value=_values)
+def test_any_value_anywhere_is_a_config_error_or_a_config(path, value, tmp_path):
+    """Hostile input: a PaddleClas recipe with one value replaced by anything."""
+    doc = paddleclas_recipe("DPN68")
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    try:
+        load_config(write(tmp_path, doc))
+    except ConfigError as e:
+        assert "recipe.yaml" in str(e)
