@@ -133,6 +133,17 @@ def _states(path: str) -> dict:
     return {"epoch": epoch, "metric": float(metric)}
 
 
+def resume_from_prefix(prefix, cfg, model, steps_per_epoch: int, global_batch: int,
+                       log: Callable = print):
+    """(path, checkpoint dict) to resume from: the run's own newer checkpoint, else
+    PaddleClas's files converted."""
+    from ppdpn.checkpoint import load_checkpoint
+    own = own_checkpoint_after(prefix, cfg, log)
+    if own is not None:
+        return own, load_checkpoint(own)
+    return prefix, load_checkpoint_prefix(prefix, cfg, model, steps_per_epoch, global_batch, log)
+
+
 def own_checkpoint_after(prefix, cfg, log: Callable = print) -> Optional[Path]:
     """The output dir's newest ppdpn checkpoint when it is at or past PaddleClas's epoch.
 

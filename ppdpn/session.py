@@ -100,10 +100,8 @@ def resume(cfg, model, optimizer, amp, state, steps_per_epoch: int, log=print):
         return None
     from ppdpn import paddleclas_files
     if paddleclas_files.is_checkpoint_prefix(path):  # PaddleClas's output/DPN68/latest
-        path = paddleclas_files.own_checkpoint_after(path, cfg, log) or path  # a requeued job
-    if paddleclas_files.is_checkpoint_prefix(path):
-        ckpt = paddleclas_files.load_checkpoint_prefix(path, cfg, dist.unwrap(model), steps_per_epoch,
-                                                       global_batch(cfg), log=log)
+        path, ckpt = paddleclas_files.resume_from_prefix(path, cfg, dist.unwrap(model), steps_per_epoch,
+                                                         global_batch(cfg), log=log)
     else:
         ckpt = load_checkpoint(path)
     if ckpt.get("arch") not in (None, cfg.Arch.name):
