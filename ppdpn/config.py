@@ -112,6 +112,8 @@ class AMPConfig:
     scale_loss: float = _f(128.0, min=1.0)
     use_dynamic_loss_scaling: bool = _f(True)
     eval_fp32: bool = _f(True)
+    use_promote: bool = _f(True, doc="O2: an op with an fp32 input runs in fp32 (Paddle's "
+                                     "default; PaddleClas's recipes set false)")
 
 
 @dataclass(frozen=True)

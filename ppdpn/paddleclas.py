@@ -285,6 +285,9 @@ def _optimizer(opt: _Reader, out: dict) -> None:
     if opt.expect("multi_precision", (None, True, False), "must be true or false") is False \
             and out["AMP"].get("use_amp"):
         opt.fail("multi_precision", False, "ppdpn keeps fp32 master weights whenever AMP is on")
+    # PaddleClas uses the LR as written, whatever the global batch: so does the translation
+    # (ppdpn's own recipes scale it from base_batch_size; a native key here wins).
+    o["lr"] = {"scale_with_batch": False}
     if isinstance(opt.raw.get("lr"), dict):
         lr = _Reader(opt.raw["lr"], opt.key("lr"), opt.src)
         lr.expect("by_epoch", (None, False), "ppdpn decays the LR every iteration")
@@ -298,11 +301,6 @@ def _amp(amp: _Reader, out: dict) -> None:
     o = out["AMP"]
     if "use_fp16_test" in amp.raw:
         o["eval_fp32"] = not _bool(amp, "use_fp16_test", amp.take("use_fp16_test"))
-    promote = amp.take("use_promote")
-    # Paddle applies use_promote under O2 only; ppdpn's O2 runs with Paddle's default (true).
-    if promote is False and amp.raw.get("use_amp") and amp.raw.get("level") == "O2":
-        amp.fail("use_promote", promote, "ppdpn's O2 autocast keeps Paddle's default "
-                                         "use_promote: true (ops with an fp32 input run in fp32)")
     _native(amp, "AMP", out)
     amp.refuse_rest("use_amp, level, scale_loss, use_dynamic_loss_scaling, use_fp16_test, "
                     "use_promote, dtype")
@@ -358,9 +356,8 @@ def recipe_text(path: str, overrides=()) -> str:
         _, _, notes = _translate(yaml.safe_load(f), overrides, path)
     head = [f"ppdpn recipe translated from the PaddleClas recipe {path}",
             "(python -m ppdpn.config --from-paddleclas); only what differs from ppdpn's defaults.",
-            f"LR: Optimizer.lr values are for a global batch of {cfg.Optimizer.lr.base_batch_size}"
-            f" (PaddleClas's 4 GPUs x 64) and scale with the global batch; "
-            f"Optimizer.lr.scale_with_batch: false keeps them fixed, as PaddleClas does."]
+            "LR: used as written whatever the global batch, as PaddleClas does "
+            "(scale_with_batch: false); ppdpn's recipes quote it for base_batch_size and scale."]
     head += [f"ignored (no meaning in ppdpn): {n}: {IGNORED[n]}" for n in notes]
     return ("".join(f"# {line}\n" for line in head)
             + yaml.safe_dump(diff, sort_keys=False, default_flow_style=False))

@@ -80,10 +80,13 @@ def write(tmp_path, doc, name="recipe.yaml"):
     return str(path)
 
 
-# Where the PaddleClas file and our recipe differ on purpose (paths, logging, workers).
+# Where the PaddleClas file and our recipe differ on purpose (paths, logging, workers;
+# use_promote, which PaddleClas sets false and Paddle applies under AMP O2 only; the LR,
+# which PaddleClas uses as written and ppdpn's recipes scale from 256, the same at 4 x 64).
 ALIGN = ["Global.output_dir=./output/", "Global.device=gpu", "Global.print_interval=10",
          "Global.visualdl=false", "DataLoader.image_root=./dataset/ILSVRC2012/",
-         "DataLoader.num_workers=4", "DataLoader.eval_batch_size=64"]
+         "DataLoader.num_workers=4", "DataLoader.eval_batch_size=64", "AMP.use_promote=false",
+         "Optimizer.lr.scale_with_batch=false"]
 
 
 @pytest.mark.parametrize("model", DPNS + DENSENETS)
@@ -109,6 +112,8 @@ def test_overrides_written_paddleclas_way(tmp_path):
     assert cfg.DataLoader.image_size == 192 and cfg.Loss.label_smoothing == 0.2
     assert cfg.Global.print_interval == 7 and cfg.Optimizer.weight_decay == 5e-5
     assert cfg.DataLoader.backend == "fallback"  # ppdpn's own key on a PaddleClas file
+    assert not cfg.Optimizer.lr.scale_with_batch  # PaddleClas's LR is used as written
+    assert load_config(path, ["Optimizer.lr.scale_with_batch=true"]).Optimizer.lr.scale_with_batch
     with pytest.raises(ConfigError, match=r"transform_ops is a list of 4; '7'"):
         load_config(path, ["DataLoader.Train.dataset.transform_ops.7.RandCropImage.size=1"])
     # Train crop 192 with eval crop 224: ppdpn has one image_size, named in the error.
@@ -197,13 +202,16 @@ def test_unsupported_fields_and_operators_are_named(key, value, words, tmp_path)
         assert word in message, message
 
 
-def test_use_promote_false_under_o2_is_refused(tmp_path):
+def test_amp_o2_recipe_keeps_use_promote_and_master_weights(tmp_path):
+    from ppdpn.engine import build_amp
     doc = paddleclas_recipe()
     doc["AMP"].update(use_amp=True, level="O2", use_promote=False)
-    with pytest.raises(ConfigError, match="use_promote"):
-        load_config(write(tmp_path, doc))
-    doc["AMP"]["level"] = "O1"  # Paddle applies use_promote under O2 only
-    assert load_config(write(tmp_path, doc)).AMP.level == "O1"
+    doc["Optimizer"]["multi_precision"] = True
+    cfg = load_config(write(tmp_path, doc))
+    assert (cfg.AMP.use_amp, cfg.AMP.level, cfg.AMP.use_promote) == (True, "O2", False)
+    # The autocast context is built with it (AMP itself is a no-op on CPU, PLATFORM.md).
+    assert build_amp(cfg.AMP, use_gpu=True, log=lambda m: None).use_promote is False
+    assert load_config(str(ROOT / "configs" / "dpn68_amp.yaml")).AMP.use_promote is True
     doc["Optimizer"]["multi_precision"] = False
     with pytest.raises(ConfigError, match="multi_precision.*master weights"):
         load_config(write(tmp_path, doc))
