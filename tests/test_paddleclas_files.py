@@ -8,6 +8,8 @@ import numpy as np
 import paddle
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ppdpn.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ppdpn.config import load_config
@@ -275,3 +277,17 @@ def test_a_rerun_continues_from_its_own_checkpoint_not_paddleclas_files(fake_sta
     off = load_config(tiny_recipe(tmp_path, tmp_path / "out", tmp_path),
                       ["Global.auto_resume=false"])
     assert own_checkpoint_after(tmp_path / "latest", off) is None
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.binary(max_size=300), which=st.sampled_from([".pdopt", ".pdstates", ".pdparams"]))
+def test_garbage_paddleclas_files_are_named(fake_state, tmp_path_factory, data, which):
+    """Hostile input: any bytes in one of the three files is a CheckpointError naming it."""
+    folder = tmp_path_factory.mktemp("garbage")
+    write_paddleclas_checkpoint(fake_state, folder / "latest")
+    (folder / f"latest{which}").write_bytes(data)
+    try:
+        _load(folder / "latest", folder)
+    except CheckpointError as e:
+        assert f"latest{which}" in str(e) or which == ".pdparams"  # pdparams: keys are named
