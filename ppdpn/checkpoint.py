@@ -151,12 +151,16 @@ def optimizer_state(optimizer, model) -> dict:
 
 def load_optimizer_state(optimizer, model, state: dict, weights: Optional[dict] = None) -> None:
     """Restore `state` (from optimizer_state). With `weights` (the checkpoint's fp32
-    model), the master copies of fp16/bf16 parameters are rebuilt from them and any saved
-    ones are dropped, so a run resumes under O2 from a checkpoint of any AMP level."""
+    model), the master copies of this run's fp16/bf16 parameters come from the saved
+    ones where the checkpoint has them (an O2 run's), else from `weights`; masters of
+    parameters this run keeps in fp32 are dropped. So a run resumes under O2 from a
+    checkpoint of any AMP level, and from fp32 weights without any rounding."""
     names = {n: p.name for n, p in model.named_parameters()}
     if weights is not None:
-        state = {k: v for k, v in state.items() if k != "master_weights"}
         masters = master_weights_for(model, weights)
+        saved = state.get("master_weights") or {}
+        masters.update({k: v for k, v in saved.items() if k in masters})
+        state = {k: v for k, v in state.items() if k != "master_weights"}
         if masters:
             state["master_weights"] = masters
     restored = {}

@@ -115,6 +115,8 @@ class AMPConfig:
                          "fp32 master copies); false: under autocast at `level`")
     master_grad: bool = _f(False, doc="O2 only: keep fp32 weight gradients (decorate's "
                            "master_grad) for the update, weight decay and clipping")
+    use_promote: bool = _f(True, doc="O2: an op with an fp32 input runs in fp32 (Paddle's "
+                                     "default; PaddleClas's recipes set false)")
 
 
 @dataclass(frozen=True)
@@ -369,6 +371,12 @@ def load_config(path: Optional[str] = None, overrides=()) -> Config:
     """Load a YAML recipe (with its `_base_` chain) or the defaults, apply `-o` overrides."""
     src = str(path) if path else "<defaults>"
     raw: dict = _load_with_bases(str(path)) if path else {}
+    from ppdpn import paddleclas
+    if paddleclas.is_paddleclas_layout(raw):
+        # A PaddleClas recipe as it is: its -o overrides (list indexes too) apply to its
+        # own layout, then it is translated into this schema and checked like ours.
+        raw, src = paddleclas.translate(raw, overrides, src)
+        overrides = ()
     for text in overrides:
         parts, value = parse_override(text)
         _apply_override(raw, parts, value, text)
@@ -404,3 +412,8 @@ def save_resolved(cfg: Config, out_dir: str, extra: Optional[dict] = None) -> Pa
     tmp.write_text(yaml.safe_dump(json.loads(json.dumps(doc)), sort_keys=False))
     tmp.replace(path)
     return path
+
+
+if __name__ == "__main__":  # python -m ppdpn.config --from-paddleclas FILE
+    from ppdpn.paddleclas import main
+    raise SystemExit(main())

@@ -59,11 +59,13 @@ class Amp:
     scaler: Optional[paddle.amp.GradScaler]
     eval_fp32: bool
     master_grad: bool = False
+    use_promote: bool = True  # Paddle applies it under O2 only
 
     def autocast(self, training: bool = True):
         if not self.enabled or (not training and self.eval_fp32):
             return nullcontext()
-        return paddle.amp.auto_cast(enable=True, level=self.level, dtype=self.dtype)
+        return paddle.amp.auto_cast(enable=True, level=self.level, dtype=self.dtype,
+                                    use_promote=self.use_promote)
 
     def loss_scale(self) -> float:
         return float(self.scaler._scale.item()) if self.scaler is not None else 1.0
@@ -115,7 +117,8 @@ def build_amp(cfg: AMPConfig, use_gpu: bool, log=print, data_format: str = "NCHW
     if enabled and cfg.dtype == "float16":  # bf16 has fp32's range: no loss scaling needed
         scaler = paddle.amp.GradScaler(init_loss_scaling=cfg.scale_loss,
                                        use_dynamic_loss_scaling=cfg.use_dynamic_loss_scaling)
-    return Amp(enabled, cfg.level, cfg.dtype, scaler, cfg.eval_fp32, cfg.master_grad)
+    return Amp(enabled, cfg.level, cfg.dtype, scaler, cfg.eval_fp32, cfg.master_grad,
+               cfg.use_promote)
 
 
 def soft_cross_entropy(logits, targets, valid):

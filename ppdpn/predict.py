@@ -83,7 +83,10 @@ def create_paddle_runner(model_dir, device: str = "cpu", threads: Optional[int] 
     if trt and not device.startswith("gpu"):
         raise ValueError(f"--trt needs a GPU: TensorRT does not run on CPU (device: {device})")
     model_dir = Path(model_dir)
-    files = [model_dir / PADDLE_FILES[0], model_dir / PADDLE_FILES[1]]
+    program = model_dir / PADDLE_FILES[0]
+    if not program.is_file():  # a PaddleClas export from Paddle 2.x (see paddleclas_files)
+        program = model_dir / "inference.pdmodel"
+    files = [program, model_dir / PADDLE_FILES[1]]
     if trt:
         json_path, params, engines = convert_model(model_dir, trt_cache or default_trt_cache(),
                                                    trt, log=lambda m: print(m, file=sys.stderr))
@@ -213,7 +216,10 @@ def format_prediction(pred: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppdpn.predict", description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--model", required=True, help="folder written by python -m ppdpn.export")
+    p.add_argument("--model", required=True, help="folder written by python -m ppdpn.export, or "
+                   "a PaddleClas export (inference.json/.pdmodel + .pdiparams, inference.yml or -c)")
+    p.add_argument("-c", "--config", help="for a PaddleClas export folder without inference.yml: "
+                                          "the recipe whose eval transform to apply")
     p.add_argument("--backend", choices=["paddle", "onnx"], default="paddle")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
@@ -234,7 +240,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        meta = read_model_dir(args.model, args.backend)
+        from ppdpn import paddleclas_files
+        if paddleclas_files.is_export_folder(args.model):  # PaddleClas's, no preprocess.json
+            meta = paddleclas_files.read_export_folder(args.model, args.backend, args.config)
+        else:
+            meta = read_model_dir(args.model, args.backend)
         device = select_device(args.device)
         trt = None
         if args.trt:
@@ -242,7 +252,8 @@ def main(argv=None) -> int:
                              meta["preprocess"]["crop_size"], meta.get("input_name", "image"))
         run = create_runner(args.model, args.backend, device, args.threads or None, trt,
                             args.trt_cache)
-    except (ModelDirError, ValueError, RuntimeError) as e:  # TrtError is a RuntimeError
+    except (ModelDirError, ValueError, RuntimeError) as e:  # ConfigError is a ValueError,
+        # TrtError a RuntimeError
         print(f"error: {e}", file=sys.stderr)
         return 2
     files, errors = list_images(args.inputs)

@@ -40,7 +40,13 @@ def resume(cfg, model, optimizer, amp, state, steps_per_epoch: int, log=print):
         path = latest_checkpoint(cfg.Global.output_dir, log=log)
     if not path:
         return None
-    ckpt = load_checkpoint(path)
+    from ppdpn import paddleclas_files
+    if paddleclas_files.is_checkpoint_prefix(path):  # PaddleClas's output/DPN68/latest
+        path, ckpt = paddleclas_files.resume_from_prefix(path, cfg, dist.unwrap(model),
+                                                         steps_per_epoch, global_batch(cfg),
+                                                         log=log)
+    else:
+        ckpt = load_checkpoint(path)
     if ckpt.get("arch") not in (None, cfg.Arch.name):
         raise CheckpointError(f"{path} holds a {ckpt['arch']} model, the config asks for {cfg.Arch.name}")
     _check_resumable(ckpt, path)

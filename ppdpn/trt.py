@@ -53,8 +53,9 @@ def converted_prefix(model_dir, cache_dir, opts: TrtOptions) -> Path:
     """Where the converted model of (model files, options) lives: a name from the
     model's bytes and the options, so a re-exported model is never served stale."""
     digest = hashlib.sha256(json.dumps(asdict(opts), sort_keys=True).encode())
-    for name in ("inference.json", "inference.pdiparams"):
-        digest.update((Path(model_dir) / name).read_bytes())
+    for name in ("inference.json", "inference.pdmodel", "inference.pdiparams"):
+        if (Path(model_dir) / name).is_file():  # .pdmodel: a Paddle 2.x export
+            digest.update((Path(model_dir) / name).read_bytes())
     return Path(cache_dir) / f"trt-{opts.precision}-b{opts.max_batch}-{digest.hexdigest()[:16]}"
 
 
