@@ -13,6 +13,14 @@
 #   NODE_RANK    0..NNODES-1; node 0 hosts the rendezvous
 #   MASTER_ADDR  address of node 0, reachable from every node
 #   MASTER_PORT  a free TCP port on node 0 (default 6170)
+#   NODE_ADDR    this node's own IPv4 address, passed to the launcher as --host (default:
+#                the address this node reaches MASTER_ADDR from). Paddle's launcher takes
+#                its own address from its host name otherwise, and a name that resolves
+#                to 127.0.1.1 (Debian's /etc/hosts) hangs the job.
+#   GLOO_SOCKET_IFNAME  the interface gloo (CPU collectives) binds to (default: the one
+#                holding NODE_ADDR; gloo too would otherwise follow the host name)
+#   RENDEZVOUS_TIMEOUT  seconds nodes 1.. wait for node 0's rendezvous to answer before
+#                failing with its address (default 300)
 #   LOG_DIR      launcher logs, workerlog.N per process (default <Global.output_dir>/log,
 #                plus /node<NODE_RANK> on multi-node runs: the launcher names logs by local
 #                rank only, so nodes sharing a file system would overwrite each other's)
@@ -35,6 +43,50 @@ need_count() {
     if ! [[ "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 )); then
         die "$1=$2 must be a whole number >= $3"
     fi
+}
+
+is_ipv4() { [[ "$1" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]]; }
+
+# node_address: prints "ADDRESS INTERFACE" of this node: NODE_ADDR, else the source
+# address of the route to MASTER_ADDR (a UDP connect chooses it and sends nothing), and
+# the interface that holds it.
+node_address() {
+    "$PYTHON" - "$MASTER_ADDR" "${NODE_ADDR:-}" <<'EOF'
+import socket
+import sys
+
+import psutil
+
+master, addr = sys.argv[1], sys.argv[2]
+if not addr:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master, 9))
+            addr = s.getsockname()[0]
+    except OSError as e:
+        sys.exit(f"launch.sh: no route from this node to MASTER_ADDR={master} ({e})")
+ifaces = [name for name, addrs in psutil.net_if_addrs().items()
+          for a in addrs if a.family == socket.AF_INET and a.address == addr]
+if not ifaces:
+    sys.exit(f"launch.sh: NODE_ADDR={addr} is not an IPv4 address of this node")
+print(addr, ifaces[0])
+EOF
+}
+
+# wait_for_rendezvous: nodes 1.. wait until node 0's launcher answers at
+# MASTER_ADDR:MASTER_PORT. Paddle's launcher would wait for it forever ("master not
+# ready"), so a wrong or unreachable address would hang the job instead of failing it.
+wait_for_rendezvous() {
+    local deadline=$((SECONDS + RENDEZVOUS_TIMEOUT))
+    until timeout 5 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$MASTER_ADDR" "$MASTER_PORT" 2>/dev/null
+    do
+        if (( SECONDS >= deadline )); then
+            die "node $NODE_RANK ($NODE_ADDR) cannot reach the rendezvous on node 0 at" \
+                "$MASTER_ADDR:$MASTER_PORT after $RENDEZVOUS_TIMEOUT s (RENDEZVOUS_TIMEOUT):" \
+                "is node 0 up, and is MASTER_ADDR its address?"
+        fi
+        sleep 1
+    done
 }
 
 count_gpus() {
@@ -85,6 +137,11 @@ if (( NNODES > 1 )); then
     then
         die "MASTER_PORT=$MASTER_PORT must be a TCP port (1-65535)"
     fi
+    # Paddle's launcher compares --master with its own address as strings: names fail.
+    is_ipv4 "$MASTER_ADDR" || die "MASTER_ADDR=$MASTER_ADDR must be node 0's IPv4 address, not a name"
+    [[ -z "${NODE_ADDR:-}" ]] || is_ipv4 "$NODE_ADDR" || die "NODE_ADDR=$NODE_ADDR must be an IPv4 address"
+    RENDEZVOUS_TIMEOUT="${RENDEZVOUS_TIMEOUT:-300}"
+    need_count RENDEZVOUS_TIMEOUT "$RENDEZVOUS_TIMEOUT" 1
 fi
 
 GPUS="$(count_gpus)"
@@ -123,16 +180,35 @@ else
 fi
 
 CMD=("$PYTHON" -m paddle.distributed.launch --nproc_per_node "$NPROC" --log_dir "$LOG_DIR")
+WHERE=""
 if (( NNODES > 1 )); then
-    CMD+=(--nnodes "$NNODES" --master "$MASTER_ADDR:$MASTER_PORT" --rank "$NODE_RANK")
+    if [[ -z "${NODE_ADDR:-}" || -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
+        found="$(node_address)" || exit 2
+        read -r NODE_ADDR iface <<<"$found"
+        GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$iface}"
+    fi
+    export GLOO_SOCKET_IFNAME
+    if (( NODE_RANK == 0 )) && [[ "$MASTER_ADDR" != "$NODE_ADDR" && "$MASTER_ADDR" != 127.0.0.1 ]]
+    then
+        die "node 0 hosts the rendezvous, but MASTER_ADDR=$MASTER_ADDR is not its address" \
+            "(NODE_ADDR=$NODE_ADDR): Paddle's launcher would wait for another node 0 forever"
+    fi
+    # --host: the launcher's own address (its endpoints, and the rendezvous server when
+    # it equals --master), instead of what its host name resolves to.
+    CMD+=(--nnodes "$NNODES" --master "$MASTER_ADDR:$MASTER_PORT" --rank "$NODE_RANK"
+          --host "$NODE_ADDR")
+    WHERE=" at $NODE_ADDR ($GLOO_SOCKET_IFNAME), rendezvous on node 0 at $MASTER_ADDR:$MASTER_PORT,"
 fi
 CMD+=("$ROOT/train.py" -c "$CONFIG" "${TRAIN_ARGS[@]}")
 
-echo "launch.sh: node $NODE_RANK/$NNODES, $NPROC process(es) ($GPUS GPU(s)), logs in $LOG_DIR" >&2
+echo "launch.sh: node $NODE_RANK/$NNODES$WHERE $NPROC process(es) ($GPUS GPU(s)), logs in $LOG_DIR" >&2
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "${CMD[@]}"
     echo
     exit 0
+fi
+if (( NODE_RANK > 0 )); then
+    wait_for_rendezvous
 fi
 
 # ---------------------------------------------------------------- run
