@@ -299,7 +299,10 @@ class SlurmCluster:
     def run(self, cmd: Sequence[str], check: bool = True, env: Optional[dict] = None,
             cwd=None, timeout: float = 60) -> subprocess.CompletedProcess:
         """A client command (sbatch, scontrol...) on host 0, the cluster's login node."""
-        proc = subprocess.run([*self.hosts[0].enter, *cmd], env={**self.env, **(env or {})},
+        enter = self.hosts[0].enter
+        if enter:  # nsenter starts in the target's working directory: move to ours
+            enter = (*enter, "env", "-C", str(cwd or os.getcwd()))
+        proc = subprocess.run([*enter, *cmd], env={**self.env, **(env or {})},
                               cwd=cwd, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise RuntimeError(f"`{' '.join(map(str, cmd))}` exited {proc.returncode}: "

@@ -1,0 +1,165 @@
+"""The multi-node paths on separate hosts: a two-node Slurm cluster on network namespaces.
+
+tests/net_hosts.py makes the hosts (own address, own host name resolving to 127.0.1.1 as
+Debian's /etc/hosts has it, own /etc/hosts); tests/slurm_cluster.py runs slurmctld on
+node0 and slurmd on both (NodeAddr = the host's address). Every job goes through the real
+slurm/*.sbatch -> srun -> launch.sh on each node -> Paddle's launcher -> train.py, one CPU
+process a node, on the tiny recipe of tests/conftest.py. The times in the comments were
+measured on the 2-core CI machine.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_train, tiny_overrides
+from net_hosts import NetHosts, skip_unless_namespaces_work
+from slurm_cluster import SlurmCluster, install_slurm
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS_PER_EPOCH = 4   # 64 train images / (batch 8 x 2 ranks)
+JOB_TIMEOUT = 240
+# A node whose slurmd stops answering is declared down after SlurmdTimeout (default 300 s);
+# 10 s keeps the node-death test short. cred_expire etc. are in slurm_cluster.SLURM_CONF.
+MULTI_HOST_CONF = "SlurmdTimeout=10"
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def final_checkpoint(out_dir: Path) -> dict:
+    from ppdpn.checkpoint import latest_checkpoint, load_checkpoint
+    return load_checkpoint(latest_checkpoint(out_dir))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two hosts with Slurm on them; hosts, daemons and jobs gone afterwards (checked)."""
+    skip_unless_namespaces_work()
+    install_slurm()
+    root = tmp_path_factory.mktemp("hosts")
+    t0 = time.monotonic()
+    with NetHosts(2, root) as net:
+        slurm = SlurmCluster(root / "slurm", net.hosts, extra_conf=MULTI_HOST_CONF)
+        slurm.net = net
+        try:
+            slurm.start()
+            print(f"\n2-host slurm cluster up in {time.monotonic() - t0:.1f} s")
+            yield slurm
+        finally:
+            slurm.stop()
+    assert not net.leftovers()
+
+
+def job_env(**extra) -> dict:
+    # NPROC=1: one CPU process a node. RENDEZVOUS_TIMEOUT: fail in seconds, not minutes.
+    return {"PYTHON": sys.executable, "NPROC": "1", "RENDEZVOUS_TIMEOUT": "20", **extra}
+
+
+def submit_training(cluster, data, out, log, sbatch_args=(), env=None, **overrides) -> int:
+    args = ["configs/demo.yaml", "-o"] + tiny_overrides(data, out, **overrides)
+    return cluster.submit(REPO / "slurm/train_multi_node.sbatch", args, env=job_env(**(env or {})),
+                          sbatch_args=sbatch_args, log=log, cwd=REPO)
+
+
+def assert_completed(info: dict, log: Path) -> None:
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        f"job ended {info['JobState']} {info['ExitCode']}\n{read(log)[-5000:]}"
+
+
+def on_host(cluster, index: int, *cmd: str) -> str:
+    host = cluster.hosts[index]
+    return subprocess.run([*host.enter, *cmd], capture_output=True, text=True, timeout=60,
+                          check=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def two_node_run(cluster, tiny_data, tmp_path_factory):
+    """One uninterrupted 2-node job (2 epochs), and its wall time."""
+    root = tmp_path_factory.mktemp("two_node")
+    out, log = root / "out", root / "job.log"
+    t0 = time.monotonic()
+    job = submit_training(cluster, tiny_data, out, log)
+    info = cluster.wait_done(job, JOB_TIMEOUT)
+    return {"out": out, "log": log, "info": info, "seconds": time.monotonic() - t0}
+
+
+def test_host_names_resolve_to_loopback_as_on_debian(cluster):
+    """What Paddle's launcher takes as its own address when not told (context/node.py:
+    gethostbyname(getfqdn(hostname))) is 127.0.1.1 on every host: no peer can reach it."""
+    probe = "import socket; print(socket.gethostbyname(socket.getfqdn(socket.gethostname())))"
+    for i, host in enumerate(cluster.hosts):
+        assert on_host(cluster, i, "hostname") == host.name
+        assert on_host(cluster, i, sys.executable, "-c", probe) == "127.0.1.1"
+    # ...while the other host's name resolves to its real address.
+    assert on_host(cluster, 1, "getent", "ahostsv4", "node0").split()[0] == cluster.hosts[0].addr
+
+
+def test_two_node_job_equals_two_processes_on_one_host(cluster, two_node_run, tiny_data,
+                                                       tmp_path):
+    out, log = two_node_run["out"], two_node_run["log"]
+    assert_completed(two_node_run["info"], log)
+    text = read(log)
+    node0, node1 = (h.addr for h in cluster.hosts)
+    port = re.search(rf"rendezvous at {re.escape(node0)}:(\d+) \(node0\), 2 node\(s\)", text)
+    assert port, f"no rendezvous on node 0's address in the log\n{text[-4000:]}"
+    for rank, addr in ((0, node0), (1, node1)):
+        assert (f"launch.sh: node {rank}/2 at {addr} (eth0), rendezvous on node 0 at "
+                f"{node0}:{port.group(1)}") in text, text[-4000:]
+    print(f"\n2-node job (2 epochs, 8 steps): {two_node_run['seconds']:.1f} s")
+
+    # The reference: one launcher, 2 processes, on this machine.
+    ref = tmp_path / "ref"
+    run_train(["-c", "configs/demo.yaml", "-o"] + tiny_overrides(tiny_data, ref), nproc=2,
+              log_dir=ref / "launch")
+    a, b = final_checkpoint(ref), final_checkpoint(out)
+    assert a["global_step"] == b["global_step"] == 2 * STEPS_PER_EPOCH
+    assert b["world_size"] == 2
+    for k, v in a["model"].items():
+        np.testing.assert_array_equal(v, b["model"][k], err_msg=k)
+
+
+def test_eval_job_on_two_nodes_counts_every_image_once(cluster, two_node_run, tiny_data, tmp_path):
+    assert_completed(two_node_run["info"], two_node_run["log"])
+    run_dir, log = two_node_run["out"], tmp_path / "eval.log"
+    args = ["configs/demo.yaml", run_dir, "-o"] + tiny_overrides(tiny_data, tmp_path / "eval_out")
+    job = cluster.submit(REPO / "slurm/eval.sbatch", args, env=job_env(),
+                         sbatch_args=["--nodes=2"], log=log, cwd=REPO)
+    info = cluster.wait_done(job, JOB_TIMEOUT)
+    assert_completed(info, log)
+    assert info["NodeList"] == "node[0-1]"
+    metrics = json.loads(read(log).strip().splitlines()[-1])
+    assert metrics["images"] == 24  # 4 classes x 6 val images, none twice, none left out
+    rows = [json.loads(line) for line in read(run_dir / "metrics.jsonl").splitlines()]
+    assert metrics["top1"] == pytest.approx(rows[-1]["eval_top1"], abs=1e-9)
+    # Node 1's process took part: it printed the same (all-reduced) metrics as rank 1 of 2.
+    node1 = read(tmp_path / "eval_out/log/node1/workerlog.0")
+    assert "rank_id: 1" in node1 and json.loads(node1.strip().splitlines()[-1]) == metrics
+
+
+def test_unreachable_rendezvous_fails_fast_naming_the_address(cluster, tiny_data, tmp_path):
+    """MASTER_ADDR that no host answers (node 0 down, or a wrong address): the job fails
+    within RENDEZVOUS_TIMEOUT naming the address, instead of Paddle's endless wait."""
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    nowhere = cluster.hosts[0].addr.rsplit(".", 1)[0] + ".200"
+    t0 = time.monotonic()
+    job = submit_training(cluster, tiny_data, out, log,
+                          env={"MASTER_ADDR": nowhere, "RENDEZVOUS_TIMEOUT": "8"})
+    info = cluster.wait_done(job, 120)
+    seconds = time.monotonic() - t0
+    text = read(log)
+    assert info["JobState"] == "FAILED", text[-3000:]
+    assert re.search(rf"node 1 \({re.escape(cluster.hosts[1].addr)}\) cannot reach the "
+                     rf"rendezvous on node 0 at {re.escape(nowhere)}:\d+ after 8 s", text), text
+    assert f"MASTER_ADDR={nowhere} is not its address" in text  # node 0 says so at once
+    assert seconds < 40, f"took {seconds:.0f} s"
+    print(f"\nunreachable rendezvous: job failed after {seconds:.1f} s (RENDEZVOUS_TIMEOUT=8)")
+    assert not (out / "checkpoints").exists()
