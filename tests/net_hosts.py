@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import time
@@ -27,7 +26,7 @@ from typing import List
 
 import pytest
 
-from slurm_cluster import Host
+from slurm_cluster import Host, apt_install
 
 TOOLS = ["ip", "unshare", "nsenter"]
 
@@ -50,10 +49,9 @@ def our_namespaces(prefix: str) -> List[str]:
 
 
 def skip_unless_namespaces_work() -> None:
-    """Skip (with the reason) where this machine cannot make network namespaces."""
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"the multi-host tests need {', '.join(missing)} (iproute2, util-linux)")
+    """Install iproute2/util-linux when missing; skip (with the reason) where this machine
+    cannot make network namespaces."""
+    apt_install("iproute2/util-linux", ["iproute2", "util-linux"], TOOLS)
     if os.geteuid() != 0:
         pytest.skip("the multi-host tests create network namespaces, which needs root")
     probe = f"ppdpnprobe{os.getpid()}"

@@ -102,35 +102,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _missing_binaries() -> list:
-    return [b for b in BINARIES if shutil.which(b) is None
+def _missing_binaries(binaries: Sequence[str]) -> list:
+    return [b for b in binaries if shutil.which(b) is None
             and not Path("/usr/sbin", b).exists()]
 
 
-def install_slurm() -> float:
-    """apt-get install the Slurm and munge packages when missing; seconds it took.
+def apt_install(what: str, packages: Sequence[str], binaries: Sequence[str]) -> float:
+    """apt-get install `packages` when one of `binaries` is missing; seconds it took.
 
     Skips the calling test session (naming the failure) only when they cannot be
     installed; everything after installation fails loudly instead.
     """
-    if not _missing_binaries():
+    if not _missing_binaries(binaries):
         return 0.0
     if shutil.which("apt-get") is None:
-        pytest.skip(f"Slurm is not installed ({', '.join(_missing_binaries())} missing) "
-                    f"and apt-get is not available")
+        pytest.skip(f"{what} is not installed ({', '.join(_missing_binaries(binaries))} "
+                    f"missing) and apt-get is not available")
     if os.geteuid() != 0:
-        pytest.skip("Slurm is not installed and installing it with apt-get needs root")
+        pytest.skip(f"{what} is not installed and installing it with apt-get needs root")
     start = time.monotonic()
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update"],
-                ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
+                ["apt-get", "install", "-y", "--no-install-recommends", *packages]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            pytest.skip(f"cannot install Slurm: `{' '.join(cmd)}` exited {proc.returncode}: "
+            pytest.skip(f"cannot install {what}: `{' '.join(cmd)}` exited {proc.returncode}: "
                         f"{(proc.stderr or proc.stdout).strip()[-500:]}")
-    if _missing_binaries():  # installed, yet absent: our package list is wrong, a failure
-        pytest.fail(f"apt-get installed {PACKAGES} but {_missing_binaries()} are still missing")
+    missing = _missing_binaries(binaries)
+    if missing:  # installed, yet absent: our package list is wrong, a failure
+        pytest.fail(f"apt-get installed {packages} but {missing} are still missing")
     return time.monotonic() - start
+
+
+def install_slurm() -> float:
+    """The Slurm and munge packages, installed when missing; seconds it took."""
+    return apt_install("Slurm", PACKAGES, BINARIES)
 
 
 def _pid_alive(pid: int) -> bool:
