@@ -169,7 +169,7 @@ def test_unreachable_rendezvous_fails_fast_naming_the_address(cluster, tiny_data
     assert re.search(rf"node 1 \({re.escape(cluster.hosts[1].addr)}\) cannot reach the "
                      rf"rendezvous on node 0 at {re.escape(nowhere)}:\d+ after 5 s", text), text
     assert f"MASTER_ADDR={nowhere} is not its address" in text  # node 0 says so at once
-    assert seconds < 30, f"took {seconds:.0f} s"
+    assert seconds < 45, f"took {seconds:.0f} s"  # 15-20 s measured; a hang would never end
     print(f"\nunreachable rendezvous: job failed after {seconds:.1f} s (RENDEZVOUS_TIMEOUT=5)")
     assert not (out / "checkpoints").exists()
 
