@@ -361,6 +361,30 @@ class SlurmCluster:
         self.run(["scancel", str(job_id)])
 
 
+# ------------------------------------------------------------ helpers for the job tests
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for_checkpoint(slurm, job: int, out_dir: Path, timeout: float = 120) -> Path:
+    """The first complete checkpoint (its integrity record is written last)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = sorted((out_dir / "checkpoints").glob("ckpt-*.json"))
+        if records:
+            return records[0]
+        info = slurm.job(job)
+        assert info and info["JobState"] in ("PENDING", "RUNNING"), \
+            f"job {job} ended before its first checkpoint: {info}"
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint in {out_dir} after {timeout} s")
+
+
+def assert_completed(info: dict, log: Path) -> None:
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        f"job ended {info['JobState']} {info['ExitCode']}\n{read(log)[-4000:]}"
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """The running cluster; cancelled and stopped at the end even when tests fail."""

@@ -22,8 +22,8 @@ import pytest
 
 from conftest import run_train, tiny_overrides
 from net_hosts import NetHosts, netns_pids, our_namespaces, skip_unless_namespaces_work
-from slurm_cluster import SlurmCluster, install_slurm
-from test_slurm import assert_completed, read, wait_for_checkpoint
+from slurm_cluster import (SlurmCluster, assert_completed, install_slurm, read,
+                           wait_for_checkpoint)
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS_PER_EPOCH = 4   # 64 train images / (batch 8 x 2 ranks)
