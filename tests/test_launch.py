@@ -211,6 +211,8 @@ def test_two_nodes_on_loopback_train_together_and_stop_on_usr1(tmp_path):
     logs = "".join((tmp_path / f"node{r}.log").read_text() for r in (0, 1))
     assert codes == [75, 75], logs[-4000:]
     assert "rank 0/2" in logs
+    # Each launcher was given its own address (--host), not its host name's.
+    assert logs.count("Host ip reset to 127.0.0.1") == 2, logs[-4000:]
     assert (out / "log/node0/workerlog.0").exists() and (out / "log/node1/workerlog.0").exists()
     from ppdpn.checkpoint import latest_checkpoint, load_checkpoint
     ckpt = load_checkpoint(latest_checkpoint(out))
