@@ -13,6 +13,14 @@
 #   NODE_RANK    0..NNODES-1; node 0 hosts the rendezvous
 #   MASTER_ADDR  address of node 0, reachable from every node
 #   MASTER_PORT  a free TCP port on node 0 (default 6170)
+#   NODE_ADDR    this node's own IPv4 address, passed to the launcher as --host (default:
+#                the address this node reaches MASTER_ADDR from). Paddle's launcher takes
+#                its own address from its host name otherwise, and a name that resolves
+#                to 127.0.1.1 (Debian's /etc/hosts) hangs the job.
+#   GLOO_SOCKET_IFNAME  the interface gloo (CPU collectives) binds to (default: the one
+#                holding NODE_ADDR; gloo too would otherwise follow the host name)
+#   RENDEZVOUS_TIMEOUT  seconds the nodes may take to meet at MASTER_ADDR:MASTER_PORT;
+#                after that each fails (exit 2) naming the address (default 300)
 #   LOG_DIR      launcher logs, workerlog.N per process (default <Global.output_dir>/log,
 #                plus /node<NODE_RANK> on multi-node runs: the launcher names logs by local
 #                rank only, so nodes sharing a file system would overwrite each other's)
@@ -35,6 +43,74 @@ need_count() {
     if ! [[ "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 )); then
         die "$1=$2 must be a whole number >= $3"
     fi
+}
+
+is_ipv4() { [[ "$1" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]]; }
+
+# node_address: prints "ADDRESS INTERFACE" of this node: NODE_ADDR, else the source
+# address of the route to MASTER_ADDR (a UDP connect chooses it and sends nothing), and
+# the interface that holds it.
+node_address() {
+    "$PYTHON" - "$MASTER_ADDR" "${NODE_ADDR:-}" <<'EOF'
+import socket
+import sys
+
+import psutil
+
+master, addr = sys.argv[1], sys.argv[2]
+if not addr:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master, 9))
+            addr = s.getsockname()[0]
+    except OSError as e:
+        sys.exit(f"launch.sh: no route from this node to MASTER_ADDR={master} ({e})")
+ifaces = [name for name, addrs in psutil.net_if_addrs().items()
+          for a in addrs if a.family == socket.AF_INET and a.address == addr]
+if not ifaces:
+    sys.exit(f"launch.sh: NODE_ADDR={addr} is not an IPv4 address of this node")
+print(addr, ifaces[0])
+EOF
+}
+
+# rendezvous_answers: node 0's rendezvous server accepts a connection (3 s: a SYN and
+# its first resend; a host that is down answers no sooner).
+rendezvous_answers() {
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$MASTER_ADDR" "$MASTER_PORT" 2>/dev/null
+}
+
+# rendezvous_watchdog PID: Paddle's launcher waits for its peers forever, node 0 for the
+# other nodes and nodes 1.. for node 0's server ("master not ready"), so a wrong or
+# unreachable address, or a node that never starts, would hang the job. The launcher
+# starts its training processes only once all NNODES nodes have met: if launcher PID has
+# none after RENDEZVOUS_TIMEOUT s, this says why, stops it (TERM, then KILL), exits 2.
+rendezvous_watchdog() {
+    trap '' USR1
+    local deadline=$((SECONDS + RENDEZVOUS_TIMEOUT))
+    until pgrep -P "$1" >/dev/null; do
+        kill -0 "$1" 2>/dev/null || exit 0  # it ended by itself
+        if (( SECONDS >= deadline )); then
+            trap '' TERM  # decided: launch.sh's own TERM below must not cut this short
+            if (( NODE_RANK > 0 )) && ! rendezvous_answers; then
+                echo "launch.sh: node $NODE_RANK ($NODE_ADDR) cannot reach the rendezvous on" \
+                    "node 0 at $MASTER_ADDR:$MASTER_PORT after $RENDEZVOUS_TIMEOUT s" \
+                    "(RENDEZVOUS_TIMEOUT): is node 0 up, and is MASTER_ADDR its address?" >&2
+            else
+                echo "launch.sh: node $NODE_RANK ($NODE_ADDR): not all $NNODES nodes met at" \
+                    "$MASTER_ADDR:$MASTER_PORT within $RENDEZVOUS_TIMEOUT s (RENDEZVOUS_TIMEOUT):" \
+                    "does every node run launch.sh with NNODES=$NNODES and this address?" >&2
+            fi
+            kill -TERM "$1" 2>/dev/null
+            for _ in $(seq 10); do
+                kill -0 "$1" 2>/dev/null || exit 2
+                sleep 1
+            done
+            kill -KILL "$1" 2>/dev/null
+            exit 2
+        fi
+        sleep 1
+    done
+    exit 0
 }
 
 count_gpus() {
@@ -85,6 +161,22 @@ if (( NNODES > 1 )); then
     then
         die "MASTER_PORT=$MASTER_PORT must be a TCP port (1-65535)"
     fi
+    # Paddle's launcher compares --master with its own address as strings: names fail.
+    is_ipv4 "$MASTER_ADDR" || die "MASTER_ADDR=$MASTER_ADDR must be node 0's IPv4 address, not a name"
+    [[ -z "${NODE_ADDR:-}" ]] || is_ipv4 "$NODE_ADDR" || die "NODE_ADDR=$NODE_ADDR must be an IPv4 address"
+    RENDEZVOUS_TIMEOUT="${RENDEZVOUS_TIMEOUT:-300}"
+    need_count RENDEZVOUS_TIMEOUT "$RENDEZVOUS_TIMEOUT" 1
+    if [[ -z "${NODE_ADDR:-}" || -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
+        found="$(node_address)" || exit 2
+        read -r NODE_ADDR iface <<<"$found"
+        GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$iface}"
+    fi
+    export GLOO_SOCKET_IFNAME
+    if (( NODE_RANK == 0 )) && [[ "$MASTER_ADDR" != "$NODE_ADDR" && "$MASTER_ADDR" != 127.0.0.1 ]]
+    then
+        die "node 0 hosts the rendezvous, but MASTER_ADDR=$MASTER_ADDR is not its address" \
+            "(NODE_ADDR=$NODE_ADDR): Paddle's launcher would wait for another node 0 forever"
+    fi
 fi
 
 GPUS="$(count_gpus)"
@@ -123,12 +215,17 @@ else
 fi
 
 CMD=("$PYTHON" -m paddle.distributed.launch --nproc_per_node "$NPROC" --log_dir "$LOG_DIR")
+WHERE=""
 if (( NNODES > 1 )); then
-    CMD+=(--nnodes "$NNODES" --master "$MASTER_ADDR:$MASTER_PORT" --rank "$NODE_RANK")
+    # --host: the launcher's own address (its endpoints, and the rendezvous server when
+    # it equals --master), instead of what its host name resolves to.
+    CMD+=(--nnodes "$NNODES" --master "$MASTER_ADDR:$MASTER_PORT" --rank "$NODE_RANK"
+          --host "$NODE_ADDR")
+    WHERE=" at $NODE_ADDR ($GLOO_SOCKET_IFNAME), rendezvous on node 0 at $MASTER_ADDR:$MASTER_PORT,"
 fi
 CMD+=("$ROOT/train.py" -c "$CONFIG" "${TRAIN_ARGS[@]}")
 
-echo "launch.sh: node $NODE_RANK/$NNODES, $NPROC process(es) ($GPUS GPU(s)), logs in $LOG_DIR" >&2
+echo "launch.sh: node $NODE_RANK/$NNODES$WHERE $NPROC process(es) ($GPUS GPU(s)), logs in $LOG_DIR" >&2
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "${CMD[@]}"
     echo
@@ -145,6 +242,11 @@ fi
 # by it would orphan the workers before they hear of it.
 (trap '' USR1; exec "${CMD[@]}") &
 LAUNCHER=$!
+WATCHDOG=""
+if (( NNODES > 1 )); then
+    rendezvous_watchdog "$LAUNCHER" &
+    WATCHDOG=$!
+fi
 SIGNALS=0
 
 # shellcheck disable=SC2317  # reached through the traps below
@@ -172,4 +274,10 @@ while :; do
     wait "$LAUNCHER" || rc=$?
     (( SIGNALS == seen )) && break
 done
+if [[ -n "$WATCHDOG" ]]; then
+    kill "$WATCHDOG" 2>/dev/null || true  # still waiting: the launcher ended by itself
+    watchdog_rc=0
+    wait "$WATCHDOG" 2>/dev/null || watchdog_rc=$?
+    (( watchdog_rc != 2 )) || exit 2  # the nodes never met: the watchdog stopped the launcher
+fi
 exit "$rc"

@@ -40,6 +40,47 @@ ppdpn_banner() {
         "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, config $CONFIG ${TRAIN_ARGS[*]}"
 }
 
+# ppdpn_rendezvous: exports MASTER_ADDR, MASTER_PORT and NNODES for launch.sh on every
+# node of the job. Node 0 (the first host of the allocation) holds the rendezvous.
+# MASTER_ADDR is node 0's address as Slurm itself reaches it (its NodeAddr), not what
+# its host name resolves to: with Debian's /etc/hosts a node's own name is 127.0.1.1,
+# which no other node can reach. A NodeAddr that is a name is resolved, loopback skipped.
+ppdpn_rendezvous() {
+    local host addr
+    host="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    if [[ -z "${MASTER_ADDR:-}" ]]; then
+        addr="$(scontrol show node "$host" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)"
+        if ! [[ "$addr" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]]; then
+            addr="$(getent ahostsv4 "${addr:-$host}" | awk '$1 !~ /^127\./ {print $1; exit}')"
+        fi
+        if [[ -z "$addr" ]]; then
+            ppdpn_log "no IPv4 address of node 0 ($host) other nodes can reach:" \
+                "its NodeAddr and name resolve only to loopback; set MASTER_ADDR"
+            exit 2
+        fi
+        MASTER_ADDR="$addr"
+    fi
+    MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}"  # jobs sharing node 0 differ
+    NNODES="$SLURM_JOB_NUM_NODES"
+    export MASTER_ADDR MASTER_PORT NNODES
+    ppdpn_log "rendezvous at $MASTER_ADDR:$MASTER_PORT ($host), $NNODES node(s):" \
+        "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | tr '\n' ' ')"
+}
+
+# ppdpn_srun_launch ARGS...: launch.sh ARGS on every node of the job, one task each,
+# with NODE_RANK = Slurm's node index (node 0 is the rendezvous host).
+# --cpus-per-task: the launcher's processes and data loaders use the whole node.
+# --kill-on-bad-exit=0: Paddle's launchers already stop their workers when a peer node
+# fails, and a node that exits 75 must not kill the others while they save.
+# exec: run in the background by ppdpn_run_requeueable, the signals it forwards must
+# reach srun itself, not a subshell around it.
+ppdpn_srun_launch() {
+    # shellcheck disable=SC2016  # $SLURM_NODEID expands in each task, not here
+    exec srun --nodes="$NNODES" --ntasks-per-node=1 \
+        --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=0 \
+        bash -c 'NODE_RANK="$SLURM_NODEID" exec "$@"' launch.sh "$REPO/launch.sh" "$@"
+}
+
 # ppdpn_run_requeueable CMD... : run CMD, pass the batch shell's signals on, requeue on 75.
 #
 # `--signal=B:USR1@N` signals only this batch shell, which would die of it. So CMD runs

@@ -1,4 +1,5 @@
-"""A real one-node Slurm cluster on 127.0.0.1 for the tests, as a session fixture.
+"""A real Slurm cluster for the tests: one node on 127.0.0.1 (the `slurm` session fixture),
+or one node per network-namespace host of tests/net_hosts.py (`SlurmCluster(root, hosts)`).
 
 Debian's slurmctld/slurmd/munge (installed with apt-get when missing) run as root from a
 temp dir: their own slurm.conf (reached through SLURM_CONF, /etc is not touched), munge
@@ -21,6 +22,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence
 
@@ -30,18 +32,16 @@ PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "munged"]
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
             "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-NODE = "localhost"
 NODE_CPUS = 2        # what the node offers to jobs; the CI machines have 2 cores
 NODE_MEMORY_MB = 2000  # must not exceed the machine's, or slurmd is refused
 MEM_PER_CPU_MB = 500  # DefMemPerCPU: without it one job takes the node's whole memory
 
 SLURM_CONF = """\
 ClusterName=ppdpntest
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={ctld_name}({ctld_addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
-# Bind to 127.0.0.1 only, not 0.0.0.0.
-CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
+{comm_params}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -51,9 +51,9 @@ AuthInfo=socket={munge_socket},cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -74,9 +74,26 @@ ReturnToService=2
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+{extra}
+{node_lines}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
+NODE_LINE = "NodeName={name} NodeAddr={addr} CPUs={cpus} RealMemory={memory} State=UNKNOWN"
+# On 127.0.0.1 only, not 0.0.0.0: the one-node cluster shares the machine's network.
+# Hosts in network namespaces bind to any address of their own namespace.
+LOOPBACK_BINDING = "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny"
+
+
+@dataclass(frozen=True)
+class Host:
+    """A node of the cluster: its Slurm name (= host name), address, and the command
+    prefix that runs a program on it (empty: this machine as it is)."""
+    name: str
+    addr: str
+    enter: tuple = ()
+
+
+LOOPBACK = Host("localhost", "127.0.0.1")
 
 
 def _free_port() -> int:
@@ -85,35 +102,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _missing_binaries() -> list:
-    return [b for b in BINARIES if shutil.which(b) is None
+def _missing_binaries(binaries: Sequence[str]) -> list:
+    return [b for b in binaries if shutil.which(b) is None
             and not Path("/usr/sbin", b).exists()]
 
 
-def install_slurm() -> float:
-    """apt-get install the Slurm and munge packages when missing; seconds it took.
+def apt_install(what: str, packages: Sequence[str], binaries: Sequence[str]) -> float:
+    """apt-get install `packages` when one of `binaries` is missing; seconds it took.
 
     Skips the calling test session (naming the failure) only when they cannot be
     installed; everything after installation fails loudly instead.
     """
-    if not _missing_binaries():
+    if not _missing_binaries(binaries):
         return 0.0
     if shutil.which("apt-get") is None:
-        pytest.skip(f"Slurm is not installed ({', '.join(_missing_binaries())} missing) "
-                    f"and apt-get is not available")
+        pytest.skip(f"{what} is not installed ({', '.join(_missing_binaries(binaries))} "
+                    f"missing) and apt-get is not available")
     if os.geteuid() != 0:
-        pytest.skip("Slurm is not installed and installing it with apt-get needs root")
+        pytest.skip(f"{what} is not installed and installing it with apt-get needs root")
     start = time.monotonic()
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update"],
-                ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
+                ["apt-get", "install", "-y", "--no-install-recommends", *packages]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            pytest.skip(f"cannot install Slurm: `{' '.join(cmd)}` exited {proc.returncode}: "
+            pytest.skip(f"cannot install {what}: `{' '.join(cmd)}` exited {proc.returncode}: "
                         f"{(proc.stderr or proc.stdout).strip()[-500:]}")
-    if _missing_binaries():  # installed, yet absent: our package list is wrong, a failure
-        pytest.fail(f"apt-get installed {PACKAGES} but {_missing_binaries()} are still missing")
+    missing = _missing_binaries(binaries)
+    if missing:  # installed, yet absent: our package list is wrong, a failure
+        pytest.fail(f"apt-get installed {packages} but {missing} are still missing")
     return time.monotonic() - start
+
+
+def install_slurm() -> float:
+    """The Slurm and munge packages, installed when missing; seconds it took."""
+    return apt_install("Slurm", PACKAGES, BINARIES)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -145,10 +168,13 @@ def _stop_pid(pid: int, timeout: float = 10.0) -> None:
 
 
 class SlurmCluster:
-    """Start, use and stop the one-node cluster living in `root`."""
+    """Start, use and stop the cluster living in `root`: slurmctld on hosts[0], slurmd on
+    every host, one munged on this machine (its socket is a file every host sees)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, hosts: Sequence[Host] = (LOOPBACK,), extra_conf: str = ""):
         self.root = Path(root)
+        self.hosts = list(hosts)
+        self.extra_conf = extra_conf
         self.conf = self.root / "slurm.conf"
         self.munge_dir = self.root / "munge"
         self.env: Dict[str, str] = {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -160,24 +186,43 @@ class SlurmCluster:
     def start(self, timeout: float = 60.0) -> None:
         t0 = time.monotonic()
         (self.root / "state").mkdir(parents=True)
-        (self.root / "spool" / NODE).mkdir(parents=True)  # slurmd does not create %n
+        for host in self.hosts:  # slurmd does not create %n
+            (self.root / "spool" / host.name).mkdir(parents=True)
         self._start_munge()
-        self.conf.write_text(SLURM_CONF.format(
-            node=NODE, root=self.root, cpus=NODE_CPUS, memory=NODE_MEMORY_MB,
-            mem_per_cpu=MEM_PER_CPU_MB, munge_socket=self.munge_dir / "munge.socket",
-            ctld_port=_free_port(), slurmd_port=_free_port()))
-        self._run_daemon(["slurmctld", "-f", str(self.conf)], "slurmctld")
-        self._run_daemon(["slurmd", "-f", str(self.conf), "-N", NODE], "slurmd")
+        self.conf.write_text(self._slurm_conf())
+        self._run_daemon(["slurmctld", "-f", str(self.conf)], "slurmctld", self.hosts[0])
+        for host in self.hosts:
+            self.start_slurmd(host)
+        self.wait_idle(timeout)
+        self.start_seconds = time.monotonic() - t0
+
+    def _slurm_conf(self) -> str:
+        loopback = self.hosts == [LOOPBACK]
+        nodes = [NODE_LINE.format(name=h.name, addr=h.addr, cpus=NODE_CPUS,
+                                  memory=NODE_MEMORY_MB) for h in self.hosts]
+        return SLURM_CONF.format(
+            ctld_name=self.hosts[0].name, ctld_addr=self.hosts[0].addr,
+            comm_params=LOOPBACK_BINDING if loopback else "", extra=self.extra_conf,
+            node_lines="\n".join(nodes), node_names=",".join(h.name for h in self.hosts),
+            root=self.root, mem_per_cpu=MEM_PER_CPU_MB,
+            munge_socket=self.munge_dir / "munge.socket",
+            ctld_port=_free_port(), slurmd_port=_free_port())
+
+    def start_slurmd(self, host: Host) -> None:
+        self._run_daemon(["slurmd", "-f", str(self.conf), "-N", host.name], "slurmd", host)
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Until every node is idle (up, and running no job)."""
+        names = ",".join(h.name for h in self.hosts)
         deadline = time.monotonic() + timeout
-        state = ""
+        states = []
         while time.monotonic() < deadline:
-            proc = self.run(["sinfo", "-h", "-n", NODE, "-o", "%T"], check=False)
-            state = proc.stdout.strip()
-            if state == "idle":
-                self.start_seconds = time.monotonic() - t0
+            proc = self.run(["sinfo", "-h", "-N", "-n", names, "-o", "%T"], check=False)
+            states = proc.stdout.split()
+            if len(states) == len(self.hosts) and set(states) == {"idle"}:
                 return
             time.sleep(0.2)
-        raise RuntimeError(f"node {NODE} not idle after {timeout:.0f} s (sinfo says {state!r})\n"
+        raise RuntimeError(f"nodes {names} not idle after {timeout:.0f} s (sinfo says {states})\n"
                            + self.daemon_logs())
 
     def _start_munge(self) -> None:
@@ -194,17 +239,17 @@ class SlurmCluster:
                           f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}"],
                          "munged")
 
-    def _run_daemon(self, cmd: Sequence[str], name: str) -> None:
+    def _run_daemon(self, cmd: Sequence[str], name: str, host: Host = LOOPBACK) -> None:
         exe = shutil.which(cmd[0]) or str(Path("/usr/sbin", cmd[0]))
-        proc = subprocess.run([exe, *cmd[1:]], env=self.env, capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run([*host.enter, exe, *cmd[1:]], env=self.env, capture_output=True,
+                              text=True, timeout=60)
         if proc.returncode != 0:
             raise RuntimeError(f"{name} failed to start (exit {proc.returncode}): "
                                f"{proc.stderr.strip()}\n{self.daemon_logs()}")
 
     def _pid_files(self) -> list:
-        return [self.root / "slurmd.pid", self.root / "slurmctld.pid",
-                self.munge_dir / "munged.pid"]
+        return [*(self.root / f"slurmd-{h.name}.pid" for h in self.hosts),
+                self.root / "slurmctld.pid", self.munge_dir / "munged.pid"]
 
     def stop(self) -> None:
         """Cancel every job, end what the jobs left behind, stop the daemons by pid file."""
@@ -248,7 +293,8 @@ class SlurmCluster:
 
     def daemon_logs(self, lines: int = 30) -> str:
         out = []
-        for log in (self.root / "slurmctld.log", self.root / "slurmd.log",
+        for log in (self.root / "slurmctld.log",
+                    *(self.root / f"slurmd-{h.name}.log" for h in self.hosts),
                     self.munge_dir / "munged.log"):
             if log.exists():
                 tail = log.read_text(errors="replace").splitlines()[-lines:]
@@ -258,8 +304,12 @@ class SlurmCluster:
     # ------------------------------------------------------------ commands
     def run(self, cmd: Sequence[str], check: bool = True, env: Optional[dict] = None,
             cwd=None, timeout: float = 60) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(cmd), env={**self.env, **(env or {})}, cwd=cwd,
-                              capture_output=True, text=True, timeout=timeout)
+        """A client command (sbatch, scontrol...) on host 0, the cluster's login node."""
+        enter = self.hosts[0].enter
+        if enter:  # nsenter starts in the target's working directory: move to ours
+            enter = (*enter, "env", "-C", str(cwd or os.getcwd()))
+        proc = subprocess.run([*enter, *cmd], env={**self.env, **(env or {})},
+                              cwd=cwd, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise RuntimeError(f"`{' '.join(map(str, cmd))}` exited {proc.returncode}: "
                                f"{proc.stderr.strip()}")
@@ -309,6 +359,30 @@ class SlurmCluster:
 
     def cancel(self, job_id: int) -> None:
         self.run(["scancel", str(job_id)])
+
+
+# ------------------------------------------------------------ helpers for the job tests
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for_checkpoint(slurm, job: int, out_dir: Path, timeout: float = 120) -> Path:
+    """The first complete checkpoint (its integrity record is written last)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = sorted((out_dir / "checkpoints").glob("ckpt-*.json"))
+        if records:
+            return records[0]
+        info = slurm.job(job)
+        assert info and info["JobState"] in ("PENDING", "RUNNING"), \
+            f"job {job} ended before its first checkpoint: {info}"
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint in {out_dir} after {timeout} s")
+
+
+def assert_completed(info: dict, log: Path) -> None:
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        f"job ended {info['JobState']} {info['ExitCode']}\n{read(log)[-4000:]}"
 
 
 @pytest.fixture(scope="session")

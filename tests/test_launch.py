@@ -71,6 +71,14 @@ def flag(argv, name):
     ({"NNODES": "2", "NODE_RANK": "1"}, "needs MASTER_ADDR"),
     ({"NNODES": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
     ({"CUDA_VISIBLE_DEVICES": "0,1", "NPROC": "4"}, "NPROC=4 but only 2 GPU(s)"),
+    ({"NNODES": "2", "MASTER_ADDR": "node0"}, "MASTER_ADDR=node0 must be node 0's IPv4 address"),
+    ({"NNODES": "2", "MASTER_ADDR": "10.0.0.1", "NODE_ADDR": "node1"},
+     "NODE_ADDR=node1 must be an IPv4 address"),
+    ({"NNODES": "2", "MASTER_ADDR": "10.0.0.1", "RENDEZVOUS_TIMEOUT": "0"},
+     "RENDEZVOUS_TIMEOUT=0 must be a whole number >= 1"),
+    # Node 0 serves the rendezvous: MASTER_ADDR must be its own address.
+    ({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "10.0.0.1", "NODE_ADDR": "10.0.0.2",
+      "GLOO_SOCKET_IFNAME": "eth0"}, "MASTER_ADDR=10.0.0.1 is not its address (NODE_ADDR=10.0.0.2)"),
 ])
 def test_impossible_settings_fail_before_anything_starts(stub_python, no_gpu_path, tmp_path, env,
                                                         message):
@@ -140,16 +148,29 @@ def test_gpus_are_counted_with_nvidia_smi(stub_python, tmp_path):
 
 def test_multi_node_flags_and_per_node_log_dir(stub_python, no_gpu_path, tmp_path):
     env = {"DRY_RUN": "1", "NNODES": "4", "NODE_RANK": "3", "MASTER_ADDR": "10.1.2.3",
-           "MASTER_PORT": "29400"}
+           "MASTER_PORT": "29400", "NODE_ADDR": "10.1.2.4", "GLOO_SOCKET_IFNAME": "eth0"}
     argv = launcher_argv(run_launch(["configs/demo.yaml"], no_gpu_path, env=env,
                                     python=stub_python))
     assert flag(argv, "--nnodes") == "4"
     assert flag(argv, "--master") == "10.1.2.3:29400"
     assert flag(argv, "--rank") == "3"
     assert flag(argv, "--log_dir") == f"{tmp_path}/out/log/node3"
+    assert flag(argv, "--host") == "10.1.2.4"  # the launcher's own address: NODE_ADDR
     argv = launcher_argv(run_launch(["configs/demo.yaml"], no_gpu_path, python=stub_python,
                                     env={**env, "LOG_DIR": str(tmp_path / "logs")}))
     assert flag(argv, "--log_dir") == str(tmp_path / "logs")
+
+
+def test_node_address_defaults_to_the_route_towards_the_master(no_gpu_path):
+    """Without NODE_ADDR the launcher gets --host = this node's source address towards
+    MASTER_ADDR (not what its host name resolves to), and gloo that address's interface."""
+    proc = run_launch(["configs/demo.yaml"], no_gpu_path, env={
+        "DRY_RUN": "1", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1"})
+    argv = launcher_argv(proc)
+    assert flag(argv, "--host") == "127.0.0.1"
+    assert flag(argv, "--master") == "127.0.0.1:6170"
+    assert ("node 1/2 at 127.0.0.1 (lo), rendezvous on node 0 at 127.0.0.1:6170"
+            in proc.stderr)
 
 
 def _free_port() -> int:
@@ -190,6 +211,8 @@ def test_two_nodes_on_loopback_train_together_and_stop_on_usr1(tmp_path):
     logs = "".join((tmp_path / f"node{r}.log").read_text() for r in (0, 1))
     assert codes == [75, 75], logs[-4000:]
     assert "rank 0/2" in logs
+    # Each launcher was given its own address (--host), not its host name's.
+    assert logs.count("Host ip reset to 127.0.0.1") == 2, logs[-4000:]
     assert (out / "log/node0/workerlog.0").exists() and (out / "log/node1/workerlog.0").exists()
     from ppdpn.checkpoint import latest_checkpoint, load_checkpoint
     ckpt = load_checkpoint(latest_checkpoint(out))

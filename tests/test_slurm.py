@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from slurm_cluster import assert_completed, read, wait_for_checkpoint
 from slurm_cluster import slurm  # noqa: F401  (session fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,10 +42,6 @@ def demo_args(data: Path, epochs: int = EPOCHS) -> list:
             f"Global.epochs={epochs}", "Global.print_interval=1"]
 
 
-def read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
 def eval_lines(text: str) -> list:
     """The eval JSON objects a job printed (one per line)."""
     found = []
@@ -58,25 +55,6 @@ def eval_lines(text: str) -> list:
 def global_steps(out_dir: Path) -> list:
     lines = read(out_dir / "metrics.jsonl").splitlines()
     return [json.loads(line)["global_step"] for line in lines if line.strip()]
-
-
-def wait_for_checkpoint(slurm, job: int, out_dir: Path, timeout: float = 120) -> Path:
-    """The first complete checkpoint (its integrity record is written last)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        records = sorted((out_dir / "checkpoints").glob("ckpt-*.json"))
-        if records:
-            return records[0]
-        info = slurm.job(job)
-        assert info and info["JobState"] in ("PENDING", "RUNNING"), \
-            f"job {job} ended before its first checkpoint: {info}"
-        time.sleep(0.2)
-    raise TimeoutError(f"no checkpoint in {out_dir} after {timeout} s")
-
-
-def assert_completed(info: dict, log: Path) -> None:
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
-        f"job ended {info['JobState']} {info['ExitCode']}\n{read(log)[-4000:]}"
 
 
 @pytest.fixture(scope="module")
