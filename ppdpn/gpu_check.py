@@ -151,27 +151,41 @@ def check_env(node: Node) -> List[Check]:
     return checks + [check_address()]
 
 
+def default_route_address():
+    """(IPv4 address, interface) of the default route: what other nodes reach this one by."""
+    import psutil
+    with open("/proc/net/route") as f:
+        rows = [line.split() for line in f.read().splitlines()[1:]]
+    iface = next((r[0] for r in rows if len(r) > 1 and r[1] == "00000000"), None)
+    addrs = psutil.net_if_addrs().get(iface or "", [])
+    found = next((a.address for a in addrs if a.family == socket.AF_INET), None)
+    return (found, iface) if found else (None, None)
+
+
 def check_address() -> Check:
     """The address Paddle's launcher finds for itself (gethostbyname(getfqdn())) against
-    the one launch.sh passes as --host: on Debian the first is often 127.0.1.1, which no
-    other node can reach."""
+    the one launch.sh passes as --host when this node is node 0 of a multi-node job: on
+    Debian the first is often 127.0.1.1, which no other node can reach."""
     try:
         launcher_view = socket.gethostbyname(socket.getfqdn(socket.gethostname()))
     except OSError as e:
         launcher_view = f"unresolvable ({e})"
+    address, iface = default_route_address()
+    if address is None:
+        return Check("env.address", "not run: no default route", f"launcher: {launcher_view}")
     dry = subprocess.run(["bash", str(ROOT / "launch.sh"), "configs/demo.yaml"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable,
-                              "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+                              "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": address})
     words = dry.stdout.split()
     passed = words[words.index("--host") + 1] if "--host" in words else None
-    values = {"launcher_view": launcher_view, "launch_sh_host": passed}
-    if passed is None:
-        return Check("env.address", "warning", "launch.sh passes no --host: the launcher uses "
-                     f"its own lookup, {launcher_view}", values)
-    status = "warning" if passed.startswith("127.") else "passed"
-    return Check("env.address", status, f"launch.sh --host {passed}; the launcher alone "
-                 f"would take {launcher_view}", values)
+    values = {"launcher_view": launcher_view, "launch_sh_host": passed,
+              "default_route": f"{address} ({iface})"}
+    if passed != address:
+        return Check("env.address", "failed", f"launch.sh --host {passed}, expected {address} "
+                     f"({iface}): {dry.stderr.strip()[-300:]}", values)
+    return Check("env.address", "passed", f"launch.sh --host {passed} ({iface}); the launcher "
+                 f"alone would take {launcher_view}", values)
 
 
 def check_dali(node: Node) -> List[Check]:
