@@ -110,7 +110,7 @@ def main(argv=None) -> int:
             out = Path(cfg.Global.output_dir) / "eval.json"
             atomic_write_bytes(out, (json.dumps(metrics, indent=1) + "\n").encode())
             log.info(f"[eval] written to {out}")
-            print(json.dumps(metrics), flush=True)
+        print(json.dumps(metrics), flush=True)  # all-reduced: the same line on every rank
         return 0
     run, state = prepare_training(cfg, ctx, model, amp, val_loader, stopper, log)
     return fit(run, state)
