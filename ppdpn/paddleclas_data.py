@@ -140,15 +140,21 @@ def _resample(p: _Reader) -> None:
     p.expect("backend", (None, "cv2"), "ppdpn resizes with OpenCV")
 
 
+def _each_once(ops: List[Tuple[str, _Reader]], needed, owner: _Reader, name: str,
+               what: str) -> None:
+    """Each operator of `needed` stands exactly once in `ops`."""
+    names = [op for op, _ in ops]
+    for op in needed:
+        if names.count(op) != 1:
+            owner.fail(name, names, f"must hold {op} once; {what}")
+
+
 def train_transform(ops: List[Tuple[str, _Reader]], d: dict, owner: _Reader,
                     name: str = "transform_ops") -> None:
     _known_ops(ops, _TRAIN_OPS, "ppdpn's train transform is " + _TRAIN_OPS +
                " (+ MixupOperator or CutmixOperator in batch_transform_ops)")
-    names = [op for op, _ in ops]
-    for needed in ("DecodeImage", "RandCropImage", "RandFlipImage", "NormalizeImage"):
-        if names.count(needed) != 1:
-            owner.fail(name, names, f"must hold {needed} once; ppdpn's train transform is "
-                                    f"{_TRAIN_OPS}")
+    _each_once(ops, ("DecodeImage", "RandCropImage", "RandFlipImage", "NormalizeImage"),
+               owner, name, "ppdpn's train transform is " + _TRAIN_OPS)
     for op, p in ops:
         if op == "DecodeImage":
             _decode(p)
@@ -175,11 +181,8 @@ def eval_transform(ops: List[Tuple[str, _Reader]], d: dict, owner: _Reader,
     """Check an eval (or Infer) transform; return {resize_short, image_size} it sets."""
     seen: Dict[str, int] = {}
     _known_ops(ops, _EVAL_OPS, "ppdpn's eval transform is " + _EVAL_OPS)
-    names = [op for op, _ in ops]
-    for needed in ("ResizeImage", "CropImage", "NormalizeImage"):
-        if names.count(needed) != 1:
-            owner.fail(name, names, f"must hold {needed} once; ppdpn's eval transform is "
-                                    f"{_EVAL_OPS}")
+    _each_once(ops, ("ResizeImage", "CropImage", "NormalizeImage"), owner, name,
+               "ppdpn's eval transform is " + _EVAL_OPS)
     for op, p in ops:
         if op == "DecodeImage":
             _decode(p)
