@@ -420,7 +420,7 @@ class Saver:
             path = save_checkpoint(blob, self.ckpt_dir, self.cfg.Global.keep_last, is_best,
                                    log=self.log.info)
             if is_best:
-                self._write_paddleclas_best()
+                self._write_paddleclas_best(blob["model"])
         except CheckpointError as e:
             if self.cfg.Global.on_save_error == "stop":
                 raise
@@ -428,15 +428,15 @@ class Saver:
             return
         self.log.info(f"[checkpoint] {path}" + (f" ({reason})" if reason else "") + (" best" if is_best else ""))
 
-    def _write_paddleclas_best(self) -> None:
-        """The best weights also in PaddleClas's .pdparams layout, for PaddleClas users."""
+    def _write_paddleclas_best(self, weights: dict) -> None:
+        """The best weights (the checkpoint's fp32 ones, see fp32_weights) also in
+        PaddleClas's .pdparams layout, for PaddleClas users."""
         from ppdpn.models.weights import to_paddleclas_state_dict
         out = Path(self.cfg.Global.output_dir) / "best_model.pdparams"
         tmp = out.with_name(f".{out.name}.tmp")
         try:
-            model = dist.unwrap(self.model)
-            weights = fp32_weights(model, self.optimizer)  # fp32 at any AMP level
-            paddle.save(to_paddleclas_state_dict(model, self.cfg.Arch.name, weights), str(tmp))
+            paddle.save(to_paddleclas_state_dict(dist.unwrap(self.model), self.cfg.Arch.name,
+                                                 weights), str(tmp))
             os.replace(tmp, out)
         except OSError as e:
             raise CheckpointWriteError(f"cannot write {out}: {e}") from e
