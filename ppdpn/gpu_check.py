@@ -67,13 +67,15 @@ def python(*args, timeout=600, env=None, **kw) -> subprocess.CompletedProcess:
 
 
 def last_json(text: str) -> dict:
+    """The last line of `text` that parses as a JSON object (the tests use it too)."""
     for line in reversed(text.strip().splitlines()):
+        line = line.strip()
         if line.startswith("{"):
             try:
                 return json.loads(line)
             except ValueError:
                 continue
-    raise RuntimeError(f"no JSON line in output: {text[-500:]}")
+    raise RuntimeError(f"no JSON line in output:\n{text[-2000:]}")
 
 
 def tiny_recipe(node: Node, out: Path, amp: bool, **extra) -> List[str]:

@@ -1,11 +1,12 @@
 """Shared fixtures: a tiny demo data set made once per session, and a train.py runner."""
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from ppdpn.gpu_check import last_json  # noqa: F401  (one parser for the tests and the check)
 
 ROOT = Path(__file__).resolve().parents[1]
 # PaddleClas's published state_dicts, key and shape per line (docs/reference.md section 4).
@@ -57,18 +58,6 @@ def run_train(args, nproc=1, log_dir=None, timeout=300, env=None, check=True):
         raise AssertionError(f"train.py exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                              f"STDERR:\n{proc.stderr[-4000:]}\n{logs}")
     return proc
-
-
-def last_json(text):
-    """The last line of stdout that parses as a JSON object."""
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-    raise AssertionError(f"no JSON line in output:\n{text[-2000:]}")
 
 
 def start_launcher(args, log_dir, nproc=2):
