@@ -149,4 +149,4 @@ class LoaderBase:
         if sample not in self.failed:
             self.failed[sample] = reason
             log.warning("skipping %s (rank %d): %s; its slot is marked invalid",
-                        self.samples.paths[sample], self.ctx.rank, reason)
+                        self.samples.name(sample), self.ctx.rank, reason)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ppdpn.data.base import (MEAN_255, STD_255, SUBSTITUTE_SIZE, LoaderBase, _substitute_jpeg,
                              image_shape, log, resize_flip_normalize)
-from ppdpn.data.check import BadFile, read_file, size_changed, size_in_bytes
+from ppdpn.data.check import BadFile, size_changed, size_in_bytes
 
 # Batches whose files are read ahead by threads while DALI decodes (reading a file
 # releases the GIL, so reading overlaps decoding even on 2 cores).
@@ -40,13 +40,13 @@ KEPT_BATCHES = 4
 MAX_FAILURES_PER_STEP = 3
 
 
-def _read_bytes(path: str, size: Sequence[int]):
+def _read_bytes(samples, i: int, size: Sequence[int]):
     """File bytes as uint8, or the reason they cannot be fed: unreadable, or a header
     that no longer gives the pre-flight `size` (w, h). A file rewritten since the
     pre-flight would get a crop window meant for another image, and DALI's CPU resize
     crashes the process (SIGSEGV) on an eval window outside the image."""
     try:
-        data = read_file(path)
+        data = samples.read(i)
     except OSError as e:
         return f"unreadable mid-run ({e.strerror or e})"
     if not data.size:
@@ -98,9 +98,9 @@ class _Feeder:
         for s in range(step, min(step + READ_AHEAD * self.stride, len(self.idx)), self.stride):
             if s not in self._reads:
                 row, loader = self.idx[s], self.loader
-                paths = [loader.samples.paths[i] for i in row]
-                files = list(zip(paths, loader.sizes[row].tolist()))
-                self._reads[s] = self._pool.submit(lambda fs: [_read_bytes(*f) for f in fs], files)
+                files = list(zip(row.tolist(), loader.sizes[row].tolist()))
+                self._reads[s] = self._pool.submit(
+                    lambda fs, samples=loader.samples: [_read_bytes(samples, *f) for f in fs], files)
 
     def __call__(self):
         s = self.step
@@ -391,7 +391,7 @@ class DaliLoader(LoaderBase):
                     break  # the named slot is confirmed; others are checked if it recurs
         if found and failures < MAX_FAILURES_PER_STEP:
             return
-        names = [self.samples.paths[i] for i in feeder.idx[step]]
+        names = [self.samples.name(i) for i in feeder.idx[step]]
         if (epoch, step) in self._forced:  # even the stand-in image failed: not a file issue
             raise RuntimeError(f"step {step} of epoch {epoch} keeps failing; files: "
                                f"{names}; DALI: {text}") from err

@@ -13,7 +13,8 @@ from typing import List, Tuple
 import numpy as np
 
 from ppdpn.data.base import LoaderBase, image_shape, normalize, resize_flip_normalize
-from ppdpn.data.check import BadFile, image_header, read_file, size_changed
+from ppdpn.data.check import BadFile, size_changed
+from ppdpn.data.lists import Samples
 from ppdpn.preprocess import eval_geometry
 
 # (sample index, x, y, w, h, flip, counted): one sample's work, decided in the main
@@ -33,18 +34,18 @@ def _single_threaded_cv2() -> None:
 class _JobDataset:
     """Map-style data set indexed by jobs rather than by sample number."""
 
-    def __init__(self, paths: List[str], sizes: np.ndarray, labels: np.ndarray, train: bool,
+    def __init__(self, samples: Samples, sizes: np.ndarray, train: bool,
                  size: int, resize_short: int, layout: str, dtype: str):
-        self.paths, self.sizes, self.labels, self.train = paths, sizes, labels, train
+        self.samples, self.sizes, self.labels, self.train = samples, sizes, samples.labels, train
         self.size = size
         self.resize_short, self.layout, self.dtype = resize_short, layout, dtype
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.samples)
 
     def _decode(self, sample: int) -> np.ndarray:
         import cv2
-        img = cv2.imdecode(read_file(self.paths[sample]),
+        img = cv2.imdecode(self.samples.read(sample),
                            cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if img is None:
             raise ValueError("OpenCV cannot decode it")
@@ -94,7 +95,7 @@ class FallbackLoader(LoaderBase):
 
     def dataset(self) -> _JobDataset:
         c = self.cfg
-        return _JobDataset(self.samples.paths, self.sizes, self.samples.labels, self.is_train,
+        return _JobDataset(self.samples, self.sizes, self.is_train,
                            self.image_size, c.resize_short, c.output_layout, self.output_dtype)
 
     def jobs(self, epoch: int, idx: np.ndarray, valid: np.ndarray,
@@ -127,7 +128,7 @@ class FallbackLoader(LoaderBase):
     def _diagnose(self, sample: int) -> str:
         """Why a file failed in a worker (workers can only say 'failed')."""
         try:
-            now = image_header(self.samples.paths[sample])
+            now = self.samples.header(sample)
         except BadFile as e:
             return f"{e} (mid-run)"
         return size_changed(now, self.sizes[sample]) or "decode failed (OpenCV cannot decode it)"

@@ -32,6 +32,21 @@ class Samples:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def name(self, i: int) -> str:
+        """How messages name sample i (its path; a shard member for packed data)."""
+        return self.paths[i]
+
+    def read(self, i: int) -> np.ndarray:
+        """Sample i's encoded bytes as uint8, the one way the loaders read a sample.
+        Raises OSError."""
+        from ppdpn.data.check import read_file
+        return read_file(self.paths[i])
+
+    def header(self, i: int) -> Tuple[int, int]:
+        """(width, height) from sample i's header now; raises BadFile with the reason."""
+        from ppdpn.data.check import image_header
+        return image_header(self.paths[i])
+
     def subset(self, keep: Sequence[int]) -> "Samples":
         keep = list(keep)
         rel = [self.rel_paths[i] for i in keep] if self.rel_paths is not None else None
