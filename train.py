@@ -14,11 +14,16 @@ import math
 import random
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import paddle
+
+from ppdpn.quiet import before_paddle_import
+
+before_paddle_import()
+import paddle  # noqa: E402  (after the filters above)
 
 from ppdpn import dist
 from ppdpn.checkpoint import (CheckpointError, CheckpointWriteError, Saver, atomic_write_bytes,
@@ -34,6 +39,7 @@ from ppdpn.models.weights import UnsafePickleError, WeightsError
 from ppdpn.optim import ScheduleLR, build_training, lr_scale
 from ppdpn.requeue import StopSignal, checkpoint_for_requeue
 
+STARTED = time.perf_counter()  # the summary's "in this run"
 EXIT_CONFIG, EXIT_NONFINITE, EXIT_SAVE = 2, 3, 4
 # The errors a run ends with on purpose, and their exit codes (the most specific class
 # wins); anything else is a bug and ends with Python's traceback and exit 1.
@@ -268,6 +274,7 @@ def finish(run: Run, saver: Saver, metrics: dict) -> int:
     plot = run.log.plot_curves()
     run.log.info(f"[run] done: checkpoints in {saver.ckpt_dir}, VisualDL logs in "
                  f"{run.cfg.Global.output_dir}/vdl, curves {plot}")
+    run.log.info(run.log.summary(time.perf_counter() - STARTED))
     run.log.close()
     if run.ctx.is_main:
         print(json.dumps(metrics), flush=True)

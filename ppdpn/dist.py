@@ -106,7 +106,10 @@ def init_distributed(device_preference: str = "auto", amp: bool = False,
         paddle.set_flags(gpu_flags(amp, deterministic))
     if world > 1:
         from paddle.distributed import fleet
-        fleet.init(is_collective=True, strategy=build_strategy())
+
+        from ppdpn.quiet import fleet_start
+        with fleet_start():
+            fleet.init(is_collective=True, strategy=build_strategy(), log_level="WARNING")
     _CTX = DistContext(rank=rank, world_size=world, local_rank=local, device=device)
     return _CTX
 
@@ -185,9 +188,35 @@ def weights_checksum(model) -> float:
     return total
 
 
-def barrier():
-    if _CTX.world_size > 1:
-        pdist.barrier()
+def while_writing(write, poll_s: float = 1.0) -> None:
+    """Run `write` (rank 0's checkpoint write; None on the other ranks) in a thread while
+    all ranks sum a "still writing" flag every `poll_s` seconds, until it is done
+    everywhere; then raise what `write` raised. Any one collective waits at most
+    `poll_s` plus a step, so no write is too slow for gloo's fixed 30 s timeout."""
+    if _CTX.world_size == 1:
+        if write is not None:
+            write()
+        return
+    import threading
+    failed = []
+
+    def run():
+        try:
+            write()
+        except BaseException as e:  # re-raised in the calling thread below
+            failed.append(e)
+    worker = None
+    if write is not None:
+        worker = threading.Thread(target=run, name="checkpoint-write", daemon=True)
+        worker.start()
+    while True:
+        if worker is not None:
+            worker.join(poll_s)
+        busy = worker is not None and worker.is_alive()
+        if all_reduce_sum([float(busy)])[0] == 0:
+            break
+    if failed:
+        raise failed[0]
 
 
 def running_stats(model):

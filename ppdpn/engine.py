@@ -67,8 +67,9 @@ class Amp:
         return paddle.amp.auto_cast(enable=True, level=self.level, dtype=self.dtype,
                                     use_promote=self.use_promote)
 
-    def loss_scale(self) -> float:
-        return float(self.scaler._scale.item()) if self.scaler is not None else 1.0
+    def loss_scale(self) -> Optional[float]:
+        """The fp16 loss scale; None without a scaler (fp32, bf16)."""
+        return float(self.scaler._scale.item()) if self.scaler is not None else None
 
     @property
     def pure(self) -> bool:

@@ -228,8 +228,9 @@ def check_train(node: Node) -> List[Check]:
     if whole.returncode:
         return [Check("train.run", "failed", f"exit {whole.returncode}: {whole.stdout[-400:]}")]
     log = (runs / "whole" / "train.log").read_text()
-    scales = [float(l.split(" scale ")[1].split()[0]) for l in log.splitlines() if " scale " in l]
-    checks = [Check("train.run", "passed", f"{kind}, {len(scales)} steps, loss finite",
+    progress = [line for line in log.splitlines() if " img/s " in line]
+    scales = [float(line.split(" scale ")[1].split()[0]) for line in progress if " scale " in line]
+    checks = [Check("train.run", "passed", f"{kind}, {len(progress)} progress lines, loss finite",
                     {"final_scale": scales[-1] if scales else None})]
     if amp:
         moved = bool(scales) and scales[-1] < 2.0 ** 20

@@ -51,7 +51,8 @@ class RunLogger:
         eta = elapsed / max(done_in_run, 1) * (total_steps - global_step)
         line = (f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss:.4f} "
                 f"lr {lr:.5f} {img_s:.1f} img/s data {100 * data_frac:.0f}% "
-                f"scale {loss_scale:g} ETA {_fmt_time(eta)}")
+                + (f"scale {loss_scale:g} " if loss_scale is not None else "")
+                + f"ETA {_fmt_time(eta)}")
         self._write(self._file, time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
         if self.tty:  # a one-line bar that rewrites itself
             width = 30
@@ -60,8 +61,10 @@ class RunLogger:
             sys.stdout.flush()
         else:
             print(line, flush=True)
-        self.scalars("train", global_step, {"loss": loss, "lr": lr, "img_per_s": img_s,
-                                            "loss_scale": loss_scale})
+        values = {"loss": loss, "lr": lr, "img_per_s": img_s}
+        if loss_scale is not None:
+            values["loss_scale"] = loss_scale
+        self.scalars("train", global_step, values)
 
     def _write(self, f, text: str) -> None:
         """Logs are not worth a crash: a full disk is reported once and training goes on
@@ -111,11 +114,11 @@ class RunLogger:
             img = np.clip(hwc * 255.0, 0, 255).astype(np.uint8)
             self.writer.add_image(tag=f"{tag}/{i}", img=img, step=0)
 
-    def plot_curves(self) -> Path | None:
-        """loss, LR and top-1 per epoch from metrics.jsonl into curves.png."""
+    def records(self) -> list:
+        """metrics.jsonl's per-epoch records, in order (rank 0; [] elsewhere)."""
         path = self.out / "metrics.jsonl"
         if not self.enabled or not path.is_file():
-            return None
+            return []
         rows = []
         for line in path.read_text(errors="replace").splitlines():
             try:  # a line half-written by a killed run is skipped, not fatal
@@ -124,6 +127,27 @@ class RunLogger:
                 continue
             if isinstance(row, dict) and "epoch" in row:
                 rows.append(row)
+        return rows
+
+    def summary(self, elapsed_s: float) -> str:
+        """The run's last line in words: the best evaluation, the last one and the time."""
+        evals = [r for r in self.records() if r.get("eval_top1") is not None]
+
+        def said(r: dict) -> str:
+            return (f"top1 {r['eval_top1']:.4f} top5 {r['eval_top5']:.4f} loss {r['eval_loss']:.4f} "
+                    f"(epoch {r['epoch'] + 1}, global step {r['global_step']})")
+        took = f"{_fmt_time(elapsed_s)} in this run"
+        if not evals:
+            return f"[run] finished: no evaluation recorded; {took}"
+        best = max(evals, key=lambda r: r["eval_top1"])  # the first of equals
+        last = evals[-1]
+        if last is best:
+            return f"[run] finished: best and last {said(best)}; {took}"
+        return f"[run] finished: best {said(best)}; last {said(last)}; {took}"
+
+    def plot_curves(self) -> Path | None:
+        """loss, LR and top-1 per epoch from metrics.jsonl into curves.png."""
+        rows = self.records()
         if not rows:
             return None
         import matplotlib
