@@ -410,13 +410,21 @@ class Saver:
             self.save(state, reason=f"every {n} steps")
 
     def save(self, state, is_best: bool = False, reason: str = "") -> None:
+        """Checkpoint `state` on rank 0; every rank returns once it is written. The write
+        runs while the ranks exchange a flag every second (dist.while_writing): a single
+        long wait would hit gloo's fixed 30 s timeout when a large checkpoint meets a
+        slow file system."""
         _check_finite_weights(self.model, state)  # never replace a good checkpoint with NaNs
         dist.average_buffers(self.model)  # all ranks: checkpoint the averaged BN statistics
         if not dist.context().is_main:
+            dist.while_writing(None)
             return
+        blob = build_state_dict(self.cfg, self.model, self.optimizer, self.amp, state,
+                                self.steps_per_epoch)  # device-to-host copies: this thread
+        dist.while_writing(lambda: self._write(blob, is_best, reason))
+
+    def _write(self, blob: dict, is_best: bool, reason: str) -> None:
         try:
-            blob = build_state_dict(self.cfg, self.model, self.optimizer, self.amp, state,
-                                    self.steps_per_epoch)
             path = save_checkpoint(blob, self.ckpt_dir, self.cfg.Global.keep_last, is_best,
                                    log=self.log.info)
             if is_best:

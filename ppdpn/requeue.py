@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import signal
 
-from ppdpn import dist
-
 # EX_TEMPFAIL from sysexits.h: "try again later", what the sbatch scripts requeue on.
 EXIT_REQUEUE = 75
 
@@ -31,12 +29,12 @@ def checkpoint_for_requeue(stopper: StopSignal, saver, state, log) -> int:
     """All ranks stopped at the same step (a signal reached one of them): rank 0 saves
     that step, then every rank exits EXIT_REQUEUE."""
     who = stopper.name or "a signal to another rank"
-    # The launcher SIGTERMs the other ranks as soon as one exits 75: ignore that
-    # (SIG_IGN survives interpreter shutdown) and exit together after the save.
+    # Paddle's own launcher SIGTERMs the other ranks as soon as one exits 75: ignore that
+    # (SIG_IGN survives interpreter shutdown). saver.save returns on every rank only once
+    # rank 0 has written the checkpoint, so the ranks exit together after it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     saver.save(state, reason=who)
-    dist.barrier()
     log.info(f"[run] stopped by {who} at step {state.global_step}; "
              f"checkpointed, exit {EXIT_REQUEUE} (requeue)")
     return EXIT_REQUEUE
