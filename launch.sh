@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on this node: one process per GPU (NPROC CPU processes when there is none), under
-# `python -m paddle.distributed.launch`, which owns the per-process environment, logs
-# and teardown.
+# `python -m ppdpn.launch` (Paddle's launcher, which owns the per-process environment,
+# logs and teardown; see "The launcher" below).
 #
 #   ./launch.sh configs/dpn68.yaml [-o Section.key=value ...] [more train.py arguments]
 #
@@ -24,13 +24,17 @@
 #   LOG_DIR      launcher logs, workerlog.N per process (default <Global.output_dir>/log,
 #                plus /node<NODE_RANK> on multi-node runs: the launcher names logs by local
 #                rank only, so nodes sharing a file system would overwrite each other's)
+#   LAUNCH_LOG_LEVEL  the launcher's own log level (default WARNING; INFO shows its
+#                configuration dump and status lines: pod failed, exit code, ...)
 #   DRY_RUN=1    check everything and print the launcher command instead of running it
 #
 # GPUs come from CUDA_VISIBLE_DEVICES when it is set (Slurm sets it for --gres=gpu:N),
 # else from `nvidia-smi -L`; NPROC below their number uses the first NPROC of them.
 #
-# SIGUSR1, SIGTERM and SIGINT are forwarded as SIGUSR1 to the training processes, which
-# checkpoint and exit 75 ("requeue me"); the launcher's exit code is this script's.
+# The launcher: ppdpn/launch.py, Paddle's with a stop path that waits for the checkpoint.
+# SIGINT (Ctrl-C), SIGTERM and SIGUSR1 make every training process checkpoint and exit 75
+# ("requeue me"); a second SIGINT or SIGTERM stops at once. The launcher's exit code is
+# this script's.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -128,10 +132,17 @@ count_gpus() {
 }
 
 # ---------------------------------------------------------------- arguments
-[[ $# -ge 1 ]] || die "usage: launch.sh CONFIG.yaml [-o Section.key=value ...]"
+usage() {
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+}
+[[ $# -ge 1 ]] || die "usage: launch.sh CONFIG.yaml [-o Section.key=value ...] (--help: more)"
+if [[ "$1" == -h || "$1" == --help ]]; then
+    usage
+    exit 0
+fi
 CONFIG="$1"
 shift
-[[ -f "$CONFIG" ]] || die "config file not found: $CONFIG"
+[[ -f "$CONFIG" ]] || die "config file not found: $CONFIG (usage: launch.sh CONFIG.yaml [-o Section.key=value ...]; --help: more)"
 TRAIN_ARGS=("$@")
 
 # The -o values, to check them here; train.py takes `-o a=1 b=2` and `-o a=1 -o b=2`.
@@ -214,7 +225,8 @@ else
     LOG_DIR="${LOG_DIR:-$OUTPUT_DIR/log}"
 fi
 
-CMD=("$PYTHON" -m paddle.distributed.launch --nproc_per_node "$NPROC" --log_dir "$LOG_DIR")
+CMD=("$PYTHON" -m ppdpn.launch --nproc_per_node "$NPROC" --log_dir "$LOG_DIR"
+     --log_level "${LAUNCH_LOG_LEVEL:-WARNING}")
 WHERE=""
 if (( NNODES > 1 )); then
     # --host: the launcher's own address (its endpoints, and the rendezvous server when
@@ -234,13 +246,14 @@ fi
 
 # ---------------------------------------------------------------- run
 # The launcher runs in the background so that this shell can take signals while it
-# waits. Signals go on to the workers (the launcher's children, each in a session of its
-# own) as SIGUSR1: SIGTERM to the launcher would stop them too, but it then exits 15
-# whatever they returned, and the "checkpointed, requeue me" code 75 would be lost.
-# The launcher starts with SIGUSR1 ignored, as its workers do until train.py handles it:
-# srun and `scancel --signal=USR1` signal the whole process group, and a launcher killed
-# by it would orphan the workers before they hear of it.
-(trap '' USR1; exec "${CMD[@]}") &
+# waits, and passes them on: the first as SIGUSR1 (checkpoint and stop: the launcher may
+# have had the same Ctrl-C from the terminal or SIGTERM from Slurm, and a USR1 on top
+# changes nothing), a later SIGINT or SIGTERM as SIGUSR2 (stop at once). It starts with
+# both ignored until it handles them: srun and `scancel --signal=USR1` signal the whole
+# process group, and a launcher killed by USR1 would orphan its workers. PYTHONPATH:
+# ppdpn.launch from this checkout.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+(trap '' USR1 USR2; exec "${CMD[@]}") &
 LAUNCHER=$!
 WATCHDOG=""
 if (( NNODES > 1 )); then
@@ -252,15 +265,11 @@ SIGNALS=0
 # shellcheck disable=SC2317  # reached through the traps below
 forward_stop() {
     SIGNALS=$((SIGNALS + 1))
-    echo "launch.sh: $1 received, asking the training processes to checkpoint and stop" >&2
-    # Retry for a while: a signal can arrive before the launcher has started its workers.
-    (
-        for _ in $(seq 60); do
-            pkill -USR1 -P "$LAUNCHER" && exit 0
-            kill -0 "$LAUNCHER" 2>/dev/null || exit 0
-            sleep 1
-        done
-    ) &
+    if (( SIGNALS > 1 )) && [[ "$1" != USR1 ]]; then
+        kill -USR2 "$LAUNCHER" 2>/dev/null || true
+    else
+        kill -USR1 "$LAUNCHER" 2>/dev/null || true
+    fi
 }
 trap 'forward_stop USR1' USR1
 trap 'forward_stop TERM' TERM

@@ -110,7 +110,7 @@ def test_dry_run_on_cpu_checks_the_real_config(no_gpu_path, tmp_path):
         ["configs/demo.yaml", "-o", f"Global.output_dir={out}", "-o", "Global.epochs=3"],
         no_gpu_path,
         env={"DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": ""}))
-    assert argv[:3] == [sys.executable, "-m", "paddle.distributed.launch"]
+    assert argv[:3] == [sys.executable, "-m", "ppdpn.launch"]
     assert flag(argv, "--nproc_per_node") == "2"  # CPU default
     assert flag(argv, "--log_dir") == f"{out}/log"
     assert "--devices" not in argv and "--nnodes" not in argv
@@ -188,7 +188,7 @@ def test_two_nodes_on_loopback_train_together_and_stop_on_usr1(tmp_path):
                    cwd=REPO, check=True, capture_output=True, timeout=120)
     base = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     base.update(PYTHON=sys.executable, NNODES="2", NPROC="1", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(_free_port()))
+                MASTER_PORT=str(_free_port()), LAUNCH_LOG_LEVEL="INFO")  # "Host ip reset"
     args = ["bash", str(LAUNCH), "configs/demo.yaml", "-o", f"Global.output_dir={out}",
             f"DataLoader.image_root={data}", "Global.epochs=50"]
     nodes = [subprocess.Popen(args, env={**base, "NODE_RANK": str(rank)}, cwd=REPO,

@@ -60,7 +60,9 @@ def cluster(tmp_path_factory):
 
 def job_env(**extra) -> dict:
     # NPROC=1: one CPU process a node. RENDEZVOUS_TIMEOUT: fail in a minute, not five.
-    return {"PYTHON": sys.executable, "NPROC": "1", "RENDEZVOUS_TIMEOUT": "60", **extra}
+    # LAUNCH_LOG_LEVEL=INFO: the launchers' "Pod failed" and "Exit code" lines, timed.
+    return {"PYTHON": sys.executable, "NPROC": "1", "RENDEZVOUS_TIMEOUT": "60",
+            "LAUNCH_LOG_LEVEL": "INFO", **extra}
 
 
 def submit_training(cluster, data, out, log, sbatch_args=(), env=None, **overrides) -> int:

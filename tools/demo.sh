@@ -17,7 +17,7 @@ if [ -f "$OUT/checkpoints/latest" ]; then
 fi
 start=$(date +%s)
 # CUDA_VISIBLE_DEVICES must be unset (not empty) for CPU processes: see README.
-"$PY" -m paddle.distributed.launch --nproc_per_node 2 --log_dir "$OUT/launch" \
+"$PY" -m ppdpn.launch --nproc_per_node 2 --log_dir "$OUT/launch" \
   train.py -c configs/demo.yaml -o Global.output_dir="$OUT" "$@"
 trained=$(( $(date +%s) - start ))
 echo "[demo] training + eval took ${trained}s (2 CPU processes)"
