@@ -200,7 +200,10 @@ class Packer:
         self.samples, self.source, self.source_sha256 = samples, source, source_sha256
         self.out, self.name, self.shard_size = out, name, shard_size
         self.drop_bad, self.threads = drop_bad, threads
-        self.params = {"name": name, "shard_size": shard_size, "drop_bad": drop_bad}
+        # What makes two packs of one list differ. Not --drop-bad: the shards before the
+        # first bad file are the same either way (a shard holding a dropped file is
+        # redone by a run without --drop-bad, which then stops at that file).
+        self.params = {"name": name, "shard_size": shard_size}
         # Per-shard records (entries, sha256, sample range): what a resumed run keeps.
         self.work = os.path.join(out, f".{name}.pack")
         self.index_path = os.path.join(out, name + INDEX_SUFFIX)
@@ -253,14 +256,17 @@ class Packer:
             index = None
         same = (index is not None and index.source_sha256 == self.source_sha256
                 and index.params == self.params)
-        if not same and not overwrite:
-            raise UsageError(f"{self.index_path} holds a pack of another source or other "
-                             "settings; pass --overwrite to replace it, or choose another --out")
-        if same:
+        if same and len(index.dropped) and not self.drop_bad:
+            print(f"{self.index_path} left out {len(index.dropped)} bad files; without "
+                  "--drop-bad they stop the pack")
+        elif same:
             problems = quick_check(index)
             if not problems:
                 return True
             print(f"{self.index_path}: {problems[0]}; packing the damaged shards again")
+        elif index is not None and not overwrite:
+            raise UsageError(f"{self.index_path} holds a pack of another source or other "
+                             "settings; pass --overwrite to replace it, or choose another --out")
         os.unlink(self.index_path)
         return False
 
@@ -316,11 +322,15 @@ class Packer:
     def pack_all(self, kept) -> Optional[int]:
         """Pack every sample; the number of shards, or None when bad files stop it."""
         n, k, pos, reader = len(self.samples), 0, 0, None
-        with ThreadPoolExecutor(self.threads) as pool:
+        # Not `with`: its exit waits for the readers, and a reader stuck in a slow
+        # read would make Ctrl-C hang.
+        pool = ThreadPoolExecutor(self.threads)
+        try:
             while pos < n:
-                if k in kept and kept[k][0]["first"] == pos:
-                    self.bad += [tuple(b) for b in kept[k][0]["dropped"]]
-                    pos = kept[k][0]["end"]
+                meta = kept[k][0] if k in kept else None
+                if meta and meta["first"] == pos and (self.drop_bad or not meta["dropped"]):
+                    self.bad += [tuple(b) for b in meta["dropped"]]
+                    pos = meta["end"]
                     k += 1
                     continue
                 if reader is None or reader.pos != pos:
@@ -334,6 +344,8 @@ class Packer:
                             self.bad.append((at, self.samples.name(at), why))
                     return None
                 pos, k = end, k + 1
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         return k
 
     def pack_shard(self, k: int, reader: Prefetch) -> Optional[int]:

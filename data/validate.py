@@ -7,7 +7,8 @@ Finds malformed list lines, missing, empty, non-image and truncated files (heade
 end-marker checks, the same the loaders run before the first step), labels out of
 range and duplicate lines; `--decode` also decodes every image fully (Pillow), which
 finds corrupt image data that the header check cannot see. `--list` may name a
-class-folder tree instead of a list file. Exit status 1 when anything is bad.
+class-folder tree instead of a list file, or the index of packed shards
+(`shards/train.index.npz`, data/validate_shards.py). Exit status 1 when anything is bad.
 Speed: the header check costs ~30 us per cached file per worker; the full decode a
 few ms per ImageNet image per worker.
 """
@@ -90,12 +91,18 @@ def load(root: str, list_name: str, malformed: List[str]) -> Samples:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True, help="image root (paths in the list are relative to it)")
-    p.add_argument("--list", required=True, help="list file or class-folder tree, relative to --root")
+    p.add_argument("--list", required=True,
+                   help="list file, class-folder tree or shard index (*.index.npz), relative to --root")
     p.add_argument("--num-classes", type=int, default=None, help="labels must be below this")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--decode", action="store_true", help="also decode every image fully")
     p.add_argument("--write-clean", metavar="PATH", help="write a list without the bad lines")
     a = p.parse_args(argv)
+    if resolve_split(a.root, a.list).endswith(".index.npz"):  # packed shards: data/pack.py
+        if a.write_clean:
+            p.error("--write-clean takes a list or a folder tree; repack with --drop-bad instead")
+        from data.validate_shards import validate_shards
+        return validate_shards(resolve_split(a.root, a.list), a.num_classes, a.workers, a.decode)
     start = time.time()
     malformed: List[str] = []
     samples = load(a.root, a.list, malformed)

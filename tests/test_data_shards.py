@@ -128,3 +128,132 @@ def test_resume_mid_epoch_on_shards_repeats_the_same_batches(packed, backend):
     assert len(resumed) == len(full) - 3
     for (a, la, va), (b, lb, vb) in zip(full[3:], resumed):
         assert np.array_equal(la, lb) and np.array_equal(va, vb) and np.array_equal(a, b)
+
+
+def _plant_bad_sources(root):
+    """Missing, truncated and text-named-.jpg source files: positions 2, 5, 8."""
+    os.unlink(root / "img" / "002.jpg")
+    data = (root / "img" / "005.jpg").read_bytes()
+    (root / "img" / "005.jpg").write_bytes(data[:len(data) // 2])
+    (root / "img" / "008.jpg").write_text("not an image, but named like one\n" * 4)
+    return {2: "missing", 5: "truncated", 8: "not a JPEG or PNG"}
+
+
+def test_pack_names_every_bad_source_file_or_leaves_them_out(tmp_path, capsys):
+    root = write_images(tmp_path, 12)
+    planted = _plant_bad_sources(root)
+    assert run_pack(root) == 1
+    out = capsys.readouterr().out
+    for i, why in planted.items():
+        assert re.search(rf"BAD \S*img/{i:03d}\.jpg: {why}", out), out
+    assert "3 bad source files" in out and not (root / "shards" / "train.index.npz").exists()
+    assert run_pack(root, "--drop-bad") == 0  # continues the stopped pack, leaving them out
+    out = capsys.readouterr().out
+    assert "left out 3 bad files" in out and all(f"img/{i:03d}.jpg" in out for i in planted)
+    index = ShardIndex.load(str(root / "shards" / "train.index.npz"))
+    assert index.dropped.tolist() == sorted(planted)
+    assert index.key.tolist() == [i for i in range(12) if i not in planted]
+    assert index.label.tolist() == index.key.tolist()  # the list's labels, not positions
+    assert validate.main(["--root", str(root), "--list", "shards/train.index.npz"]) == 0
+
+
+def test_pack_refuses_bad_usage_naming_the_argument(tmp_path, capsys):
+    root = write_images(tmp_path, 4)
+    (tmp_path / "a_file").write_text("x")
+    cases = [(["--list", "nope.txt"], "nope.txt does not exist"),
+             (["--out", str(tmp_path / "a_file" / "sub")], "--out: cannot write to"),
+             (["--shard-size", "big"], "--shard-size 'big'"),
+             (["--root", str(tmp_path / "none")], "--root:")]
+    for args, message in cases:
+        assert run_pack(root, *args) == 2
+        assert message in capsys.readouterr().err
+    assert run_pack(root) == 0 and run_pack(root) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert run_pack(root, "--shard-size", "16KiB") == 2  # another pack in the same --out
+    assert "--overwrite" in capsys.readouterr().err
+    assert run_pack(root, "--shard-size", "16KiB", "--overwrite") == 0
+
+
+def _flip(path, at, byte=None):
+    with open(path, "r+b") as f:
+        f.seek(at)
+        old = f.read(1)
+        f.seek(at)
+        f.write(bytes([old[0] ^ 0xFF]) if byte is None else byte)
+
+
+def test_validate_names_every_bad_member(packed, tmp_path, capsys):
+    import shutil
+    shutil.copytree(packed / "shards", tmp_path / "shards")
+    index = ShardIndex.load(str(tmp_path / "shards" / "train.index.npz"))
+    last = len(index.shards) - 1
+    shard_of = lambda i: tmp_path / "shards" / index.shards[index.shard[i]]  # noqa: E731
+    _flip(shard_of(0), int(index.offset[0]), b"X")  # the JPEG magic of sample 0
+    _flip(shard_of(3), int(index.offset[3] + index.size[3] // 2))  # inside image data
+    lost = [i for i in range(N_ODD) if index.shard[i] == last]
+    os.truncate(shard_of(lost[0]), int(index.offset[lost[0]]) + 100)  # cut the last shard
+    index.label[6] = 7  # the index disagrees with the label member
+    index.size[9] += 1  # ... and with a tar header
+    index.save(str(tmp_path / "shards" / "train.index.npz"))
+    assert validate.main(["--root", str(tmp_path), "--list", "shards/train.index.npz",
+                          "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    names = {i: index.name(i) for i in range(N_ODD)}
+    assert f"BAD {names[0]}: not a JPEG or PNG image" in out
+    assert f"BAD {index.shards[index.shard[3]]}: sha256 differs" in out
+    assert f"BAD {names[6]}: label member" in out and f"BAD {names[9]}: tar header says" in out
+    for i in lost:
+        assert f"BAD {names[i]}: member ends at byte" in out
+    assert f"BAD {index.shards[last]}: " in out  # the shorter file itself
+
+
+def _wait_for(predicate, proc, timeout=60):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+def test_interrupted_pack_resumes_to_the_same_shards(tmp_path):
+    """A source file that is a FIFO stops the pack mid-run for real; SIGINT, then
+    SIGKILL, then the real file: the rerun keeps the verified shards, redoes a damaged
+    one and the partial one, and ends byte-identical to an uninterrupted pack."""
+    import shutil
+    ref = write_images(tmp_path / "ref", 30)
+    assert run_pack(ref) == 0
+    root = tmp_path / "cut"
+    shutil.copytree(ref, root, ignore=shutil.ignore_patterns("shards", ".*"))
+    os.unlink(root / "img" / "021.jpg")
+    os.mkfifo(root / "img" / "021.jpg")  # reading it blocks until someone writes
+    cmd = [sys.executable, "-m", "data.pack", "--root", str(root), "--list", "train_list.txt",
+           "--shard-size", SMALL, "--threads", "1"]
+    shards = root / "shards"
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        _wait_for(lambda: list(shards.glob("*.partial")) and len(list(shards.glob("*.tar"))) >= 5,
+                  proc)
+        time.sleep(0.5)  # blocked in the FIFO now
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
+        if sig == signal.SIGINT:
+            assert "rerun the same command" in err
+    assert not (shards / "train.index.npz").exists()
+    os.unlink(root / "img" / "021.jpg")
+    shutil.copy(ref / "img" / "021.jpg", root / "img" / "021.jpg")
+    _flip(shards / "train-000001.tar", 700)  # a completed shard damaged meanwhile
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "redo train-000001.tar: its bytes changed" in r.stdout
+    assert re.search(r"kept \d+ verified shards", r.stdout)
+    redone = re.findall(r"(train-\d{6}\.tar): \d+ samples", r.stdout)
+    assert redone[0] == "train-000001.tar" and "train-000000.tar" not in redone
+    names = sorted(p.name for p in (ref / "shards").glob("*.tar"))
+    assert names == sorted(p.name for p in shards.glob("*.tar*"))
+    for name in names:
+        assert (ref / "shards" / name).read_bytes() == (shards / name).read_bytes(), name
+    a, b = (ShardIndex.load(str(d / "shards" / "train.index.npz")) for d in (ref, root))
+    for field in ("shard", "offset", "size", "label", "wh", "key", "kind", "shard_bytes"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert a.shard_sha256 == b.shard_sha256 and a.source_sha256 == b.source_sha256
