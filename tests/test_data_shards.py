@@ -14,9 +14,9 @@ import pytest
 
 from data import pack, validate
 from ppdpn.data import build_loader
-from ppdpn.data.check import image_header
+from ppdpn.data.check import BadFile, image_header
 from ppdpn.data.lists import load_split, read_list
-from ppdpn.data.shards import ShardIndex, ShardSamples
+from ppdpn.data.shards import ShardIndex, ShardSamples, parse_tar_header, tar_header
 from ppdpn.dist import DistContext
 from test_data_loaders import BACKENDS, N_ODD, cfg_for, collect, write_images
 
@@ -64,6 +64,18 @@ def test_pack_reads_back_every_source_file(packed):
                 assert tar.extractfile(cls).read() == str(i).encode()
                 seen.append(i)
     assert seen == list(range(N_ODD))  # list order
+
+
+def test_own_tar_headers_are_the_standard_librarys():
+    for name, size in [("000000123.jpg", 123457), ("000000001.cls", 1), ("000000002.png", 0)]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "", ""
+        assert tar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT)
+        assert parse_tar_header(tar_header(name, size)) == (name, size)
+    bad = bytearray(tar_header("000000001.cls", 1))
+    bad[130] ^= 1
+    with pytest.raises(BadFile, match="bad checksum"):
+        parse_tar_header(bad)
 
 
 _INHERITED = None  # what a forked worker finds in its copy of the parent's memory
