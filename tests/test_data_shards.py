@@ -18,7 +18,8 @@ from ppdpn.data.check import BadFile, image_header
 from ppdpn.data.lists import load_split, read_list
 from ppdpn.data.shards import ShardIndex, ShardSamples, parse_tar_header, tar_header
 from ppdpn.dist import DistContext
-from test_data_loaders import BACKENDS, N_ODD, cfg_for, collect, write_images
+from test_data_loaders import (BACKENDS, N_ODD, _two_epochs_see_all_but, cfg_for, collect,
+                               write_images)
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = "8KiB"  # a few images per shard: the odd set makes a dozen shards
@@ -140,6 +141,26 @@ def test_resume_mid_epoch_on_shards_repeats_the_same_batches(packed, backend):
     assert len(resumed) == len(full) - 3
     for (a, la, va), (b, lb, vb) in zip(full[3:], resumed):
         assert np.array_equal(la, lb) and np.array_equal(va, vb) and np.array_equal(a, b)
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_member_failing_mid_run_is_skipped_and_named(tmp_path, backend, caplog):
+    import logging
+    root = write_images(tmp_path, 13)
+    assert run_pack(root) == 0
+    ld = build_loader(shard_cfg(root, backend), "train", DistContext(), seed=0)
+    index = ld.samples.index
+    for i, junk in ((4, b"not an image"), (9, None)):  # after the pre-flight
+        path = root / "shards" / index.shards[index.shard[i]]
+        if junk:
+            _flip(path, int(index.offset[i]), junk)
+        else:  # the shard cut inside the member
+            os.truncate(path, int(index.offset[i]) + 10)
+    with caplog.at_level(logging.WARNING, logger="ppdpn.data"):
+        _two_epochs_see_all_but(ld, 13, skipped=(4, 9))
+    for i in (4, 9):
+        assert caplog.text.count(index.name(i)) == 1, caplog.text  # named once
 
 
 def _plant_bad_sources(root):
