@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import mmap
 import os
 import re
 import sys
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -33,13 +31,12 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `ppdpn` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ppdpn.data.check import BadFile  # noqa: E402
+from data.shard_writer import (Prefetch, ShardWriter, entries_of, load_record,  # noqa: E402
+                               quick_check, sample_bytes, verify_written)
 from ppdpn.data.lists import (DataSetError, Samples, read_list, resolve_split,  # noqa: E402
                               scan_image_folder)
 from ppdpn.data.shards import (BLOCK, END_OF_ARCHIVE, INDEX_SUFFIX, KINDS,  # noqa: E402
-                               ShardIndex, check_sample, fsync_dir, image_bytes_header,
-                               member_key, padded, parse_tar_header, tar_header,
-                               write_atomic)
+                               ShardIndex, fsync_dir, member_key, write_atomic)
 
 # 140 GB of ImageNet train in ~280 shards: few enough fds, large enough that opening
 # one is rare, small enough that a redone shard after an interruption costs seconds.
@@ -80,116 +77,6 @@ def load_source(root: str, list_name: str) -> Tuple[Samples, str]:
     samples = read_list(target, root)
     with open(target, "rb") as f:
         return samples, hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def read_sample(samples: Samples, pos: int):
-    """(bytes, (w, h, kind)) or (None, reason): one source file read and checked."""
-    try:
-        data = samples.read(pos)
-    except FileNotFoundError:
-        return None, "missing"
-    except OSError as e:
-        return None, f"unreadable ({e.strerror or e})"
-    try:
-        return data, image_bytes_header(data)
-    except BadFile as e:
-        return None, str(e)
-
-
-class Prefetch:
-    """Source samples start.. in order, read ahead by a thread pool."""
-
-    def __init__(self, pool: ThreadPoolExecutor, samples: Samples, start: int, depth: int):
-        self.pool, self.samples, self.depth = pool, samples, depth
-        self.pos = self._next = start
-        self.window: deque = deque()
-        self.pending = None
-
-    def get(self):
-        if self.pending is not None:
-            item, self.pending = self.pending, None
-            self.pos += 1
-            return item
-        while len(self.window) < self.depth and self._next < len(self.samples):
-            self.window.append(self.pool.submit(read_sample, self.samples, self._next))
-            self._next += 1
-        item = self.window.popleft().result()
-        self.pos += 1
-        return item
-
-    def unget(self, item) -> None:
-        """Give back the sample that did not fit: it opens the next shard."""
-        self.pending = item
-        self.pos -= 1
-
-
-class ShardWriter:
-    """Tar members into `path`, hashing what is written, so the read-back can compare."""
-
-    def __init__(self, path: str):
-        self.path, self.f, self.size = path, open(path, "wb", buffering=1 << 20), 0
-        self.sha = hashlib.sha256()
-
-    def _write(self, piece) -> None:
-        self.f.write(piece)
-        self.sha.update(piece)
-        self.size += len(piece)
-
-    def add(self, name: str, data) -> int:
-        """Write one member; return the offset of its data."""
-        self._write(tar_header(name, len(data)))
-        offset = self.size
-        self._write(data)
-        self._write(bytes(padded(len(data)) - len(data)))
-        return offset
-
-    def finish(self) -> Tuple[int, str]:
-        self._write(bytes(END_OF_ARCHIVE))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        return self.size, self.sha.hexdigest()
-
-    def abandon(self) -> None:
-        self.f.close()
-        os.unlink(self.path)
-
-
-def sample_bytes(n: int) -> int:
-    """What one sample of n image bytes adds to a shard: two headers, padded data and
-    the label member (a label fits one block)."""
-    return BLOCK + padded(n) + 2 * BLOCK
-
-
-def verify_written(path: str, sha: str, size: int, entries: Dict) -> Optional[str]:
-    """Read a just-written shard back: same bytes as written (sha256), and every
-    member's tar header, image header and label as the index will say."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if len(mm) != size or hashlib.sha256(mm).hexdigest() != sha:
-            return "read back differs from what was written"
-        one = entry_index(entries, name=os.path.basename(path))
-        for i in range(len(one)):
-            why, _ = check_sample(lambda o, n: mm[o:o + n], one, i, size)
-            if why:
-                return f"{one.member(i)}: {why}"
-        if mm[size - END_OF_ARCHIVE:] != bytes(END_OF_ARCHIVE):
-            return "no end-of-archive blocks"
-    return None
-
-
-def entry_index(e: Dict, name: str) -> ShardIndex:
-    """A one-shard ShardIndex over a shard's entries (for check_sample)."""
-    n = len(e["key"])
-    return ShardIndex([name], np.zeros(1, np.int64), [""], np.zeros(n, np.int32),
-                      e["offset"], e["size"], e["label"], e["wh"], e["key"], e["kind"])
-
-
-def _entries(rows: List[Tuple]) -> Dict[str, np.ndarray]:
-    cols = list(zip(*rows)) if rows else [()] * 7
-    return {"key": np.asarray(cols[0], np.int64), "offset": np.asarray(cols[1], np.int64),
-            "size": np.asarray(cols[2], np.int64), "label": np.asarray(cols[3], np.int64),
-            "wh": np.asarray(cols[4], np.int32).reshape(-1, 2),
-            "kind": np.asarray(cols[5], np.uint8)}
 
 
 class Packer:
@@ -373,7 +260,7 @@ class Packer:
             writer.add(key + ".cls", str(label).encode())
             rows.append((at, offset, data.size, label, info[:2], info[2]))
         size, sha = writer.finish()
-        entries = _entries(rows)
+        entries = entries_of(rows)
         why = verify_written(writer.path, sha, size, entries)
         if why:
             raise PackError(f"{writer.path}: reading it back failed: {why} (a disk or file "
@@ -423,42 +310,6 @@ class Packer:
 
 class PackError(Exception):
     """A shard read back differently from what was written: exit status 1."""
-
-
-def load_record(path: str) -> Tuple[dict, Dict[str, np.ndarray]]:
-    with np.load(path, allow_pickle=False) as z:
-        return json.loads(str(z["meta"])), {a: z[a] for a in z.files if a != "meta"}
-
-
-def quick_check(index: ShardIndex) -> List[str]:
-    """Does the index match the shards? Sizes of the files and the tar headers of every
-    member (name, size, offset); the image bytes are data.validate's job."""
-    problems = []
-    for k, name in enumerate(index.shards):
-        path = index.shard_path(k)
-        if not os.path.isfile(path):
-            problems.append(f"{name}: missing")
-            continue
-        if os.path.getsize(path) != index.shard_bytes[k]:
-            problems.append(f"{name}: {os.path.getsize(path)} bytes, the index says "
-                            f"{index.shard_bytes[k]}")
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            for i in np.nonzero(index.shard == k)[0]:
-                off, size = int(index.offset[i]), int(index.size[i])
-                want = [(off - BLOCK, index.member(i), size),
-                        (off + padded(size), member_key(index.key[i]) + ".cls", None)]
-                for at, member, nbytes in want:
-                    try:
-                        got = parse_tar_header(os.pread(fd, BLOCK, at))
-                    except BadFile as e:
-                        got = (str(e), None)
-                    if got[0] != member or (nbytes is not None and got[1] != nbytes):
-                        problems.append(f"{name}:{member}: tar header at {at} gives {got}")
-        finally:
-            os.close(fd)
-    return problems
 
 
 def default_name(list_name: str) -> str:
