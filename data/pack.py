@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `ppdpn` importable
 
 from data.shard_writer import (Prefetch, ShardWriter, entries_of, load_record,  # noqa: E402
                                quick_check, sample_bytes, verify_written)
+from ppdpn.data.check import find_duplicates  # noqa: E402
 from ppdpn.data.lists import (DataSetError, Samples, read_list, resolve_split,  # noqa: E402
                               scan_image_folder)
 from ppdpn.data.shards import (BLOCK, END_OF_ARCHIVE, INDEX_SUFFIX, KINDS,  # noqa: E402
@@ -109,6 +110,9 @@ class Packer:
             print(f"nothing to do: {self.index_path} is complete for this source")
             return 0
         self.prepare_work_dir(overwrite)
+        # A path listed twice would be packed twice and seen twice per epoch.
+        self.duplicates = dict(find_duplicates([self.samples.name(i)
+                                                for i in range(len(self.samples))]))
         kept = self.verified_records()
         count = self.pack_all(kept)
         if count is None:
@@ -221,7 +225,8 @@ class Packer:
                     k += 1
                     continue
                 if reader is None or reader.pos != pos:
-                    reader = Prefetch(pool, self.samples, pos, self.threads * READ_AHEAD_PER_THREAD)
+                    reader = Prefetch(pool, self.samples, pos,
+                                      self.threads * READ_AHEAD_PER_THREAD, self.duplicates)
                 end = self.pack_shard(k, reader)
                 if end is None:  # a bad file without --drop-bad: name all, write no more
                     while reader.pos < n:

@@ -37,8 +37,10 @@ def read_sample(samples: Samples, pos: int):
 class Prefetch:
     """Source samples start.. in order, read ahead by a thread pool."""
 
-    def __init__(self, pool: ThreadPoolExecutor, samples: Samples, start: int, depth: int):
+    def __init__(self, pool: ThreadPoolExecutor, samples: Samples, start: int, depth: int,
+                 known_bad: Optional[Dict[int, str]] = None):
         self.pool, self.samples, self.depth = pool, samples, depth
+        self.known_bad = known_bad or {}  # position -> reason, never read (duplicates)
         self.pos = self._next = start
         self.window: deque = deque()
         self.pending = None
@@ -49,9 +51,11 @@ class Prefetch:
             self.pos += 1
             return item
         while len(self.window) < self.depth and self._next < len(self.samples):
-            self.window.append(self.pool.submit(read_sample, self.samples, self._next))
+            why = self.known_bad.get(self._next)
+            self.window.append(why or self.pool.submit(read_sample, self.samples, self._next))
             self._next += 1
-        item = self.window.popleft().result()
+        item = self.window.popleft()
+        item = (None, item) if isinstance(item, str) else item.result()
         self.pos += 1
         return item
 

@@ -164,12 +164,16 @@ def test_member_failing_mid_run_is_skipped_and_named(tmp_path, backend, caplog):
 
 
 def _plant_bad_sources(root):
-    """Missing, truncated and text-named-.jpg source files: positions 2, 5, 8."""
+    """Missing, truncated and text-named-.jpg source files (positions 2, 5, 8) and a
+    line listing 003.jpg again (position 12): {position: (file, reason)}."""
     os.unlink(root / "img" / "002.jpg")
     data = (root / "img" / "005.jpg").read_bytes()
     (root / "img" / "005.jpg").write_bytes(data[:len(data) // 2])
     (root / "img" / "008.jpg").write_text("not an image, but named like one\n" * 4)
-    return {2: "missing", 5: "truncated", 8: "not a JPEG or PNG"}
+    with open(root / "train_list.txt", "a") as f:
+        f.write("img/003.jpg 12\n")  # listed twice
+    return {2: ("002", "missing"), 5: ("005", "truncated"), 8: ("008", "not a JPEG or PNG"),
+            12: ("003", "duplicate of line 4")}
 
 
 def test_pack_names_every_bad_source_file_or_leaves_them_out(tmp_path, capsys):
@@ -177,16 +181,17 @@ def test_pack_names_every_bad_source_file_or_leaves_them_out(tmp_path, capsys):
     planted = _plant_bad_sources(root)
     assert run_pack(root) == 1
     out = capsys.readouterr().out
-    for i, why in planted.items():
-        assert re.search(rf"BAD \S*img/{i:03d}\.jpg: {why}", out), out
-    assert "3 bad source files" in out and not (root / "shards" / "train.index.npz").exists()
+    for name, why in planted.values():
+        assert re.search(rf"BAD \S*img/{name}\.jpg: {why}", out), out
+    assert "4 bad source files" in out and not (root / "shards" / "train.index.npz").exists()
     assert run_pack(root, "--drop-bad") == 0  # continues the stopped pack, leaving them out
     out = capsys.readouterr().out
-    assert "left out 3 bad files" in out and all(f"img/{i:03d}.jpg" in out for i in planted)
+    assert "left out 4 bad files" in out
+    assert all(re.search(rf"BAD \S*img/{name}\.jpg: {why}", out) for name, why in planted.values())
     index = ShardIndex.load(str(root / "shards" / "train.index.npz"))
     assert index.dropped.tolist() == sorted(planted)
-    assert index.key.tolist() == [i for i in range(12) if i not in planted]
-    assert index.label.tolist() == index.key.tolist()  # the list's labels, not positions
+    assert index.key.tolist() == [i for i in range(13) if i not in planted]
+    assert index.label.tolist() == index.key.tolist()  # the list's labels (= positions here)
     assert validate.main(["--root", str(root), "--list", "shards/train.index.npz"]) == 0
 
 
