@@ -295,3 +295,14 @@ def test_interrupted_pack_resumes_to_the_same_shards(tmp_path):
     for field in ("shard", "offset", "size", "label", "wh", "key", "kind", "shard_bytes"):
         assert np.array_equal(getattr(a, field), getattr(b, field)), field
     assert a.shard_sha256 == b.shard_sha256 and a.source_sha256 == b.source_sha256
+
+
+def test_a_file_that_is_no_shard_index_is_named(tmp_path):
+    from ppdpn.data.lists import DataSetError
+    np.savez(tmp_path / "other.index.npz", a=np.zeros(3))
+    (tmp_path / "text.index.npz").write_text("hello")
+    for name, why in (("other", "no format 'ppdpn-shards'"), ("text", "not an .npz file"),
+                      ("none", "shard index not found")):
+        with pytest.raises(DataSetError, match=why) as e:
+            load_split(str(tmp_path), f"{name}.index.npz")
+        assert f"{name}.index.npz" in str(e.value)

@@ -186,6 +186,9 @@ class ShardIndex:
     def load(cls, path: str) -> "ShardIndex":
         if not os.path.isfile(path):
             raise DataSetError(f"shard index not found: {path}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # an .npz is a zip file
+                raise DataSetError(f"{path}: not a ppdpn shard index (not an .npz file)")
         try:
             with np.load(path, allow_pickle=False) as z:
                 if "format" not in z.files or str(z["format"]) != FORMAT:
@@ -199,6 +202,8 @@ class ShardIndex:
                            source=str(z["source"]), source_sha256=str(z["source_sha256"]),
                            params=json.loads(str(z["params"])), dropped=z["dropped"],
                            folder=os.path.dirname(os.path.abspath(path)), **per)
+        except DataSetError:
+            raise
         except (OSError, ValueError, KeyError) as e:
             raise DataSetError(f"{path}: unreadable shard index ({e})") from None
 
