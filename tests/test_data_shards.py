@@ -65,6 +65,23 @@ def test_pack_reads_back_every_source_file(packed):
                 assert tar.extractfile(cls).read() == str(i).encode()
                 seen.append(i)
     assert seen == list(range(N_ODD))  # list order
+    with tarfile.open(packed / "shards" / shards.index.shards[0]) as tar:
+        tar.extractall(packed / "extracted", filter="data")
+    first = sorted(p.name for p in (packed / "extracted").iterdir())
+    assert first[:2] == ["000000000.cls", "000000000.jpg"]
+
+
+def test_pack_a_class_folder_tree(tmp_path):
+    import shutil
+    root = write_images(tmp_path, 9)
+    for i in range(9):
+        os.makedirs(root / "tree" / f"class{i % 3}", exist_ok=True)
+        shutil.copy(root / "img" / f"{i:03d}.jpg", root / "tree" / f"class{i % 3}" / f"{i:03d}.jpg")
+    assert run_pack(root, "--list", "tree") == 0
+    loose = load_split(str(root), "tree")
+    shards = load_split(str(root), "shards/tree.index.npz")
+    assert shards.labels.tolist() == loose.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(np.array_equal(shards.read(i), loose.read(i)) for i in range(9))
 
 
 def test_own_tar_headers_are_the_standard_librarys():
@@ -192,7 +209,9 @@ def test_pack_names_every_bad_source_file_or_leaves_them_out(tmp_path, capsys):
     assert index.dropped.tolist() == sorted(planted)
     assert index.key.tolist() == [i for i in range(13) if i not in planted]
     assert index.label.tolist() == index.key.tolist()  # the list's labels (= positions here)
-    assert validate.main(["--root", str(root), "--list", "shards/train.index.npz"]) == 0
+    assert validate.main(["--root", str(root), "--list", "shards/train.index.npz",
+                          "--decode", "--workers", "2"]) == 0
+    assert "with full decode: 0 problems" in capsys.readouterr().out
 
 
 def test_pack_refuses_bad_usage_naming_the_argument(tmp_path, capsys):
