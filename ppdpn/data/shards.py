@@ -257,14 +257,17 @@ class ShardSamples(Samples):
     business only."""
 
     def __init__(self, index: ShardIndex, source: str = ""):
-        # Samples' own fields are not used: everything lives in the index's arrays.
+        # Samples' constructor is not called: everything lives in the index's arrays,
+        # and Samples' fields are properties here, whatever Samples stores itself.
         self.index = index
-        self.labels = index.label
-        self.sizes = index.wh
-        self.source = source or index.folder
-        self.rel_paths = None
-        self.paths = _Names(self)
+        self._source = source or index.folder
         self._reset_fds()
+
+    labels = property(lambda self: self.index.label)
+    sizes = property(lambda self: self.index.wh)  # (w, h) per sample, from the index
+    source = property(lambda self: self._source)
+    rel_paths = property(lambda self: None)
+    paths = property(lambda self: _Names(self))
 
     def _reset_fds(self) -> None:
         self._fds: Dict[int, int] = {}
