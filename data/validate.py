@@ -7,8 +7,7 @@ Finds malformed list lines, missing, empty, non-image and truncated files (heade
 end-marker checks, the same the loaders run before the first step), labels out of
 range and duplicate lines; `--decode` also decodes every image fully (Pillow), which
 finds corrupt image data that the header check cannot see. `--list` may name a
-class-folder tree instead of a list file, or the index of packed shards
-(`shards/train.index.npz`, data/validate_shards.py). Exit status 1 when anything is bad.
+class-folder tree instead of a list file. Exit status 1 when anything is bad.
 Speed: the header check costs ~30 us per cached file per worker; the full decode a
 few ms per ImageNet image per worker.
 """
