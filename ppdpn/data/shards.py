@@ -55,8 +55,8 @@ def padded(n: int) -> int:
 
 
 # ustar header fields (POSIX.1-1988): (offset, length). Written and parsed here rather
-# than with tarfile.TarInfo, which costs ~10x more per member (measured: 2.4 s of a 6 s
-# pack of 4,000 files went to TarInfo.frombuf alone).
+# than with tarfile.TarInfo: in a profiled pack of 4,000 files, TarInfo.frombuf took
+# 2.4 s for 16,000 headers, parse_tar_header 0.75 s (tobuf 0.5 s, tar_header 0.28 s).
 _NAME, _MODE, _UID, _GID, _SIZE, _MTIME, _CHKSUM = (
     (0, 100), (100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (148, 8))
 _TYPE, _MAGIC, _PREFIX = (156, 1), (257, 8), (345, 155)
