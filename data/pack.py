@@ -39,7 +39,7 @@ from ppdpn.data.lists import (DataSetError, Samples, read_list, resolve_split,  
 from ppdpn.data.shards import (BLOCK, END_OF_ARCHIVE, INDEX_SUFFIX, KINDS,  # noqa: E402
                                ShardIndex, fsync_dir, member_key, write_atomic)
 
-# 140 GB of ImageNet train in ~280 shards: few enough fds, large enough that opening
+# ~140 GB of ImageNet train in ~260 shards: few enough fds, large enough that opening
 # one is rare, small enough that a redone shard after an interruption costs seconds.
 DEFAULT_SHARD_SIZE = "512MiB"
 # Source files read ahead per thread: an NFS read is latency-bound, threads hide it.
