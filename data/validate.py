@@ -90,12 +90,18 @@ def load(root: str, list_name: str, malformed: List[str]) -> Samples:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True, help="image root (paths in the list are relative to it)")
-    p.add_argument("--list", required=True, help="list file or class-folder tree, relative to --root")
+    p.add_argument("--list", required=True,
+                   help="list file, class-folder tree or shard index (*.index.npz), relative to --root")
     p.add_argument("--num-classes", type=int, default=None, help="labels must be below this")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--decode", action="store_true", help="also decode every image fully")
     p.add_argument("--write-clean", metavar="PATH", help="write a list without the bad lines")
     a = p.parse_args(argv)
+    if resolve_split(a.root, a.list).endswith(".index.npz"):  # packed shards: data/pack.py
+        if a.write_clean:
+            p.error("--write-clean takes a list or a folder tree; repack with --drop-bad instead")
+        from data.validate_shards import validate_shards
+        return validate_shards(resolve_split(a.root, a.list), a.num_classes, a.workers, a.decode)
     start = time.time()
     malformed: List[str] = []
     samples = load(a.root, a.list, malformed)

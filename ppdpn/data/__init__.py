@@ -28,8 +28,12 @@ def build_loader(data_cfg, split: str, ctx, seed: int, num_classes: Optional[int
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     list_name = data_cfg.train_list if split == "train" else data_cfg.val_list
     samples = load_split(data_cfg.image_root, list_name)
-    samples, sizes = preflight(samples, data_cfg.num_workers, data_cfg.drop_bad_files,
-                               num_classes)
+    from ppdpn.data.shards import ShardSamples, shard_preflight
+    if isinstance(samples, ShardSamples):  # sizes from the index, checked when packed
+        samples, sizes = shard_preflight(samples, data_cfg.drop_bad_files, num_classes)
+    else:
+        samples, sizes = preflight(samples, data_cfg.num_workers, data_cfg.drop_bad_files,
+                                   num_classes)
     if data_cfg.backend == "dali":
         from ppdpn.data.dali import DaliLoader as cls
     else:

@@ -133,9 +133,13 @@ def resolve_split(image_root: str, list_name: str) -> str:
 
 
 def load_split(image_root: str, list_name: str) -> Samples:
-    """Samples of a split named in DataConfig: a list file, or a class-folder tree when
-    the name points at a directory (e.g. `val_list: val`)."""
+    """Samples of a split named in DataConfig: a list file, a class-folder tree when
+    the name points at a directory (e.g. `val_list: val`), or packed shards when it
+    names their index (`*.index.npz`, ppdpn/data/shards.py)."""
     target = resolve_split(image_root, list_name)
+    if target.endswith(".index.npz"):  # packed shards (python -m data.pack)
+        from ppdpn.data.shards import load_shards
+        return load_shards(target)
     if os.path.isdir(target):
         return scan_image_folder(target)[0]
     return read_list(target, image_root)
