@@ -162,6 +162,17 @@ def test_class_folder_tree_gets_a_manifest_beside_it(tmp_path, monkeypatch):
     assert build_loader(cfg, "val", DistContext(), 0).num_samples == 6 and calls == []
 
 
+def test_validate_writes_the_manifest_ahead(tmp_path, monkeypatch, capsys):
+    from data.validate import main
+    root = write_images(tmp_path, 6)
+    assert main(["--root", str(root), "--list", "train_list.txt", "--workers", "1",
+                 "--write-manifest"]) == 0
+    assert "wrote the manifest of 6 files (0 bad)" in capsys.readouterr().out
+    calls = _count_inspections(monkeypatch)
+    assert build_loader(cfg_for(root, "fallback"), "train", DistContext(), 0).num_samples == 6
+    assert calls == []
+
+
 # ---------------------------------------------------------------- who builds
 
 def _start_together(root, barrier, out, delay):

@@ -211,6 +211,7 @@ def write_manifest(path: str, key: str, table: FileTable) -> None:
     }
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
             np.savez(f, version=np.int64(FORMAT_VERSION), key=np.str_(key),
                      checksum=np.str_(_checksum(FORMAT_VERSION, key, arrays)), **arrays)
