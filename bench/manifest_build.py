@@ -12,9 +12,10 @@ with and without the delay, interleaved over `--rounds` rounds (machine load hit
 alike); the median is reported.
 
 `--lines N` (e.g. 1281167) also writes an N-line list of hard links to the same 50 files
-in 1,000 class folders, then times read_list (wall and CPU), the manifest build with
-`--workers` x 16 threads (no delay), the manifest read a rank does, and the memory a
-rank holds for the tables (tracemalloc; the RSS delta is printed too).
+in 1,000 class folders (`--dir` keeps them for the next run), then times the manifest
+build with the largest `--workers` x 16 threads (no delay), and, in a fresh process,
+what every rank does at start: parse the list and read the manifest (wall, CPU, RSS
+delta), and the memory it then holds for the tables (tracemalloc).
 The last stdout line is one JSON object.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ import argparse
 import json
 import os
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,15 +79,22 @@ def time_scan(paths, workers: int, threads: int, delay: float) -> float:
         return real(path)
     check.inspect_file = slow if delay else real
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_s()
         sizes, _, bad = check.inspect_files(paths, workers=workers, threads=threads, min_parallel=1)
         assert not bad and (sizes > 0).all()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, cpu_s() - cpu
     finally:
         check.inspect_file = real
 
 
+def cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the forked checkers)."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+
 def latency(root: Path, originals: list, a) -> dict:
+    shutil.rmtree(root / "lat", ignore_errors=True)
     samples = read_list(str(link_set(root / "lat", originals, a.files, 10)), str(root / "lat"))
     times = {}
     for _ in range(a.rounds):
@@ -94,10 +104,12 @@ def latency(root: Path, originals: list, a) -> dict:
                     key = f"w{workers}_t{threads}_{'delay' if delay else 'cached'}"
                     times.setdefault(key, []).append(time_scan(samples.paths, workers, threads, delay))
     out = {}
-    for key, t in times.items():
-        out[key] = round(float(np.median(t)), 3)
-        print(f"{key:24s} {out[key]:7.3f} s median ({min(t):.3f}-{max(t):.3f}), "
-              f"{a.files / out[key]:,.0f} files/s", flush=True)
+    for key, runs in times.items():
+        t, cpu = (float(np.median(v)) for v in zip(*runs))
+        out[key] = {"s": round(t, 3), "cpu_us_per_file": round(1e6 * cpu / a.files, 1)}
+        print(f"{key:24s} {t:7.3f} s median ({min(r[0] for r in runs):.3f}-"
+              f"{max(r[0] for r in runs):.3f}), {a.files / t:,.0f} files/s, "
+              f"{out[key]['cpu_us_per_file']} CPU-us per file", flush=True)
     return out
 
 
@@ -107,33 +119,44 @@ def rss_mb() -> float:
 
 
 def full_scale(root: Path, originals: list, a) -> dict:
-    start = time.perf_counter()
-    list_path = link_set(root / "big", originals, a.lines, 1000)
-    print(f"{a.lines:,} links in {time.perf_counter() - start:.1f} s", flush=True)
-    rss0 = rss_mb()
-    tracemalloc.start()
-    wall, cpu = time.perf_counter(), time.process_time()
+    list_path = root / "big" / "train_list.txt"
+    if not list_path.is_file():
+        start = time.perf_counter()
+        link_set(root / "big", originals, a.lines, 1000)
+        print(f"{a.lines:,} links in {time.perf_counter() - start:.1f} s", flush=True)
     samples = read_list(str(list_path), str(root / "big"))
-    res = {"parse_s": round(time.perf_counter() - wall, 3),
-           "parse_cpu_s": round(time.process_time() - cpu, 3)}
-    tracemalloc.stop()
-    wall = time.perf_counter()
+    if os.path.exists(manifest.manifest_path(samples)):  # time a build, not a read
+        os.remove(manifest.manifest_path(samples))
+    wall, cpu = time.perf_counter(), cpu_s()
     table = manifest.load_or_build(samples, "", workers=max(a.workers))
-    res["build_s"] = round(time.perf_counter() - wall, 1)
-    res["build_workers"] = max(a.workers)
-    tracemalloc.start()
-    wall, cpu = time.perf_counter(), time.process_time()
-    samples = read_list(str(list_path), str(root / "big"))
-    table = manifest.load_or_build(samples, "", workers=1)  # what every rank does
-    held, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert not table.built_here
-    res.update(rank_start_s=round(time.perf_counter() - wall, 3),
-               rank_start_cpu_s=round(time.process_time() - cpu, 3),
-               tables_mb=round(held / 2 ** 20, 1), peak_mb=round(peak / 2 ** 20, 1),
-               rss_delta_mb=round(rss_mb() - rss0, 1),
-               manifest_mb=round(os.path.getsize(manifest.manifest_path(samples)) / 2 ** 20, 1))
+    res = {"build_s": round(time.perf_counter() - wall, 1), "build_workers": max(a.workers),
+           "build_cpu_s": round(cpu_s() - cpu, 1), "bad": len(table.bad),
+           "manifest_mb": round(os.path.getsize(manifest.manifest_path(samples)) / 2 ** 20, 1)}
+    proc = subprocess.run([sys.executable, __file__, "--rank", str(list_path)], check=True,
+                          capture_output=True, text=True)
+    res["rank"] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(res), flush=True)
+    return res
+
+
+def rank_start(list_path: str) -> dict:
+    """What every rank does at start, in a fresh process: parse the list, read the
+    manifest. Wall and CPU time without tracemalloc, then the memory held with it."""
+    root = os.path.dirname(list_path)
+    rss0 = rss_mb()
+    wall, cpu = time.perf_counter(), time.process_time()
+    samples = read_list(list_path, root)
+    parsed = time.perf_counter()
+    table = manifest.load_or_build(samples, "", workers=1)
+    assert not table.built_here
+    res = {"parse_s": round(parsed - wall, 3), "manifest_read_s": round(time.perf_counter() - parsed, 3),
+           "cpu_s": round(time.process_time() - cpu, 3), "rss_delta_mb": round(rss_mb() - rss0, 1)}
+    del samples, table
+    tracemalloc.start()
+    samples = read_list(list_path, root)
+    table = manifest.load_or_build(samples, "", workers=1)
+    held, peak = tracemalloc.get_traced_memory()
+    res.update(tables_mb=round(held / 2 ** 20, 1), peak_mb=round(peak / 2 ** 20, 1))
     return res
 
 
@@ -145,9 +168,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,4,16,32", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lines", type=int, default=0, help="also time an N-line split")
+    p.add_argument("--dir", help="keep the generated files here (reused by the next run)")
+    p.add_argument("--rank", help=argparse.SUPPRESS)  # internal: rank_start in a fresh process
     a = p.parse_args(argv)
+    if a.rank:
+        print(json.dumps(rank_start(a.rank)))
+        return 0
     result = {"files": a.files, "delay_ms": a.delay_ms, "load": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="manifest_bench_") as tmp:
+        tmp = a.dir or tmp
         originals = write_originals(Path(tmp) / "orig")
         if a.files:
             result["scan_s"] = latency(Path(tmp), originals, a)
