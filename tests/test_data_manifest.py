@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ppdpn.data import build_loader, check, manifest
+from ppdpn.data import build_loader, check, lists, manifest
 from ppdpn.data.lists import DataSetError, _parse_lines, load_split, read_list
 from ppdpn.data.paths import PathTable
 from ppdpn.dist import DistContext
@@ -274,7 +274,10 @@ def test_samples_hold_arrays_not_strings(tmp_path):
     "a.jpg\t1\n\n  b.jpg   007  \n",  # tabs, blank line, padding, leading zeros
     "dir/é.jpg 3\nx.jpg 4",  # non-ASCII, no final newline
 ])
-def test_fast_and_careful_parsers_agree(tmp_path, text):
+@pytest.mark.parametrize("chunk", [None, 5])  # 5: lines straddle the parser's pieces
+def test_fast_and_careful_parsers_agree(tmp_path, monkeypatch, text, chunk):
+    if chunk:
+        monkeypatch.setattr(lists, "PARSE_CHUNK", chunk)
     path = tmp_path / "list.txt"
     path.write_bytes(text.encode())
     s = read_list(str(path), "root")
