@@ -2,12 +2,16 @@
 
     python -m data.validate --root DIR --list train_list.txt [--num-classes 1000]
                             [--workers 8] [--decode] [--write-clean clean_list.txt]
+                            [--write-manifest [--manifest-dir DIR]]
 
 Finds malformed list lines, missing, empty, non-image and truncated files (header and
 end-marker checks, the same the loaders run before the first step), labels out of
 range and duplicate lines; `--decode` also decodes every image fully (Pillow), which
 finds corrupt image data that the header check cannot see. `--list` may name a
 class-folder tree instead of a list file. Exit status 1 when anything is bad.
+`--write-manifest` also writes the manifest of checked files that training reads
+instead of checking every file at start (ppdpn/data/manifest.py; where the loader looks
+for it with the same DataLoader.manifest_dir), so no rank of the first run has to scan.
 Speed: the header check costs ~30 us per cached file per worker; the full decode a
 few ms per ImageNet image per worker.
 """
@@ -28,7 +32,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `ppdpn` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ppdpn.data.check import check_files, find_bad_labels, find_duplicates  # noqa: E402
+from ppdpn.data import manifest  # noqa: E402
+from ppdpn.data.check import find_bad_labels, inspect_files  # noqa: E402
 from ppdpn.data.lists import (Samples, read_list, resolve_split, scan_image_folder,  # noqa: E402
                               write_list)
 
@@ -66,16 +71,23 @@ def decode_all(paths: Sequence[str], sizes: np.ndarray, workers: int) -> List[Tu
     return [(c * CHUNK + k, why) for c, bad in enumerate(results) for k, why in bad]
 
 
+def check_split(samples: Samples, workers: int = 1) -> manifest.FileTable:
+    """The loaders' file check (what the manifest keeps), parallel from 2 chunks on."""
+    sizes, nbytes, bad = inspect_files(samples.paths, workers=workers, min_parallel=2 * CHUNK)
+    return manifest.FileTable(sizes, nbytes, dict(bad), samples.paths.duplicates(), True)
+
+
 def validate(samples: Samples, num_classes: Optional[int] = None, workers: int = 1,
-             decode: bool = False) -> List[Tuple[int, str]]:
+             decode: bool = False, table: Optional[manifest.FileTable] = None
+             ) -> List[Tuple[int, str]]:
     """Every problem of a split as (sample position, reason), sorted by position."""
-    sizes, bad = check_files(samples.paths, workers=workers, min_parallel=2 * CHUNK)
-    problems = dict(bad)
-    for i, why in find_bad_labels(samples.labels, num_classes) + find_duplicates(samples.paths):
+    table = table or check_split(samples, workers)
+    problems = dict(table.bad)
+    for i, why in find_bad_labels(samples.labels, num_classes) + table.duplicates():
         problems.setdefault(i, why)
     if decode:
         ok = [i for i in range(len(samples)) if i not in problems]
-        for k, why in decode_all([samples.paths[i] for i in ok], sizes[ok], workers):
+        for k, why in decode_all([samples.paths[i] for i in ok], table.sizes[ok], workers):
             problems[ok[k]] = why
     return sorted(problems.items())
 
@@ -96,6 +108,10 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--decode", action="store_true", help="also decode every image fully")
     p.add_argument("--write-clean", metavar="PATH", help="write a list without the bad lines")
+    p.add_argument("--write-manifest", action="store_true",
+                   help="also write the manifest of checked files the loaders read")
+    p.add_argument("--manifest-dir", default="", help="as DataLoader.manifest_dir ('': "
+                   "next to the list file or class-folder tree)")
     a = p.parse_args(argv)
     if resolve_split(a.root, a.list).endswith(".index.npz"):  # packed shards: data/pack.py
         if a.write_clean:
@@ -105,7 +121,8 @@ def main(argv=None) -> int:
     start = time.time()
     malformed: List[str] = []
     samples = load(a.root, a.list, malformed)
-    problems = validate(samples, a.num_classes, a.workers, a.decode)
+    table = check_split(samples, a.workers)
+    problems = validate(samples, a.num_classes, a.workers, a.decode, table)
     for line in malformed:
         print(f"BAD LINE {line}")
     for i, why in problems:
@@ -119,6 +136,12 @@ def main(argv=None) -> int:
             rel = samples.rel_paths or samples.paths
         write_list(a.write_clean, [rel[i] for i in keep], samples.labels[keep])
         print(f"wrote {len(keep)} good lines to {a.write_clean}")
+    if a.write_manifest and malformed:  # the loaders refuse such a list before any manifest
+        print("no manifest written: fix the malformed lines first")
+    elif a.write_manifest:
+        path = manifest.manifest_path(samples, a.manifest_dir)
+        manifest.write_manifest(path, manifest.manifest_key(samples), table)
+        print(f"wrote the manifest of {len(samples)} files ({len(table.bad)} bad) to {path}")
     print(f"checked {len(samples)} files of {samples.source} in {time.time() - start:.1f} s"
           f"{' with full decode' if a.decode else ''}: {len(problems)} bad files, "
           f"{len(malformed)} malformed lines")

@@ -136,6 +136,9 @@ class DataConfig:
     mixup_alpha: float = _f(0.0, min=0.0)
     cutmix_alpha: float = _f(0.0, min=0.0)
     drop_bad_files: bool = _f(False, doc="drop files failing the pre-flight check")
+    manifest_dir: str = _f("", doc="folder of the manifest of checked files (built once per "
+                                   "data set, read by every rank); '': next to the list file "
+                                   "(<list>.manifest.npz) or class-folder tree (<folder>.manifest.npz)")
     output_layout: str = _f("NCHW", choices=["NCHW", "NHWC"])
     output_dtype: str = _f("float32", choices=["float32", "float16"])
     prefetch: int = _f(2, min=1)

@@ -6,8 +6,9 @@ from typing import Dict, Iterator, Optional, Set, Tuple
 
 import numpy as np
 
-from ppdpn.data.check import check_files, find_bad_labels, find_duplicates
+from ppdpn.data.check import find_bad_labels
 from ppdpn.data.lists import DataSetError, Samples
+from ppdpn.data.manifest import FileTable
 from ppdpn.data.plan import ShardPlan, eval_windows, train_windows
 from ppdpn.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -76,29 +77,32 @@ def _substitute_jpeg() -> np.ndarray:
     return buf.reshape(-1)
 
 
-def preflight(samples: Samples, workers: int, drop_bad: bool,
-              num_classes: Optional[int] = None) -> Tuple[Samples, np.ndarray]:
-    """Check every file of a split; stop naming every bad file, or drop them.
+def preflight(samples: Samples, table: FileTable, drop_bad: bool,
+              num_classes: Optional[int] = None) -> Tuple[Samples, np.ndarray, np.ndarray]:
+    """Stop naming every bad file of a split, or drop them, from the manifest's verdict
+    (`table`) and this run's label range.
 
-    Returns the kept samples and their (width, height) int32 [n, 2] from the headers."""
-    sizes, bad = check_files(samples.paths, workers=max(1, workers))
-    bad = dict(bad)
-    for i, why in find_bad_labels(samples.labels, num_classes) + find_duplicates(samples.paths):
+    Returns the kept samples, their (width, height) int32 [n, 2] from the headers and
+    their sizes in bytes int64 [n] when checked."""
+    bad = dict(table.bad)
+    for i, why in find_bad_labels(samples.labels, num_classes) + table.duplicates():
         bad.setdefault(i, why)
     if not bad:
-        return samples, sizes
-    lines = [f"  {samples.paths[i]}: {why}" for i, why in sorted(bad.items())]
+        return samples, table.sizes, table.nbytes
+    lines = [f"  {samples.name(i)}: {why}" for i, why in sorted(bad.items())]
     if not drop_bad:
         raise BadDataError(f"{samples.source}: {len(bad)} of {len(samples)} files are bad "
                            "(set DataLoader.drop_bad_files=True to skip them, or write a "
                            "cleaned list with `python -m data.validate --write-clean`):\n"
                            + "\n".join(lines))
-    keep = [i for i in range(len(samples)) if i not in bad]
-    if not keep:
+    keep = np.ones(len(samples), dtype=bool)
+    keep[list(bad)] = False
+    keep = np.flatnonzero(keep)
+    if not len(keep):
         raise BadDataError(f"{samples.source}: every file is bad:\n" + "\n".join(lines))
     log.warning("%s: dropping %d bad of %d files:\n%s", samples.source, len(bad),
                 len(samples), "\n".join(lines))
-    return samples.subset(keep), sizes[keep]
+    return samples.subset(keep), table.sizes[keep], table.nbytes[keep]
 
 
 class LoaderBase:
@@ -106,11 +110,16 @@ class LoaderBase:
 
     Subclasses implement `epoch(epoch, start_step)` yielding (images, labels, valid)."""
 
-    def __init__(self, cfg, split: str, ctx, seed: int, samples: Samples, sizes: np.ndarray):
+    def __init__(self, cfg, split: str, ctx, seed: int, samples: Samples, sizes: np.ndarray,
+                 file_bytes: Optional[np.ndarray] = None):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.cfg, self.split, self.ctx, self.seed = cfg, split, ctx, int(seed)
         self.samples, self.sizes = samples, np.asarray(sizes, dtype=np.int64)
+        # each file's size in bytes when the manifest was built (-1: unknown): a file
+        # rewritten since then is caught when it is read, by name
+        self.file_bytes = (np.full(len(samples), -1, dtype=np.int64) if file_bytes is None
+                           else np.asarray(file_bytes, dtype=np.int64))
         self.is_train = split == "train"
         self.batch_size = cfg.batch_size if self.is_train else (cfg.eval_batch_size or cfg.batch_size)
         self.plan = ShardPlan(len(samples), ctx.world_size, ctx.rank, self.batch_size,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import struct
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import multiprocessing as mp
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ppdpn.data.paths import PathTable
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -29,6 +31,12 @@ TAIL_BYTES = 64 * 1024
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Below this many files worker processes cost more than they save.
 PARALLEL_MIN_FILES = 20000
+# Threads per checking process. On NFS a header check is ~3 round trips (stat, open +
+# read, tail read) of ~1 ms each against ~30 us of Python: 16-32 threads keep a
+# process busy; more only add GIL hand-offs (bench/manifest_build.py measures it).
+THREADS_PER_WORKER = 16
+# A thread needs this many files to be worth starting.
+MIN_FILES_PER_THREAD = 8
 
 
 class BadFile(Exception):
@@ -118,6 +126,14 @@ def size_changed(now: Tuple[int, int], was) -> Optional[str]:
             f"the check read {was[0]}x{was[1]}")
 
 
+def bytes_changed(now: int, was: int) -> Optional[str]:
+    """Why a file of `now` bytes that had `was` bytes when the manifest was built must be
+    skipped (same pixel size, other content: another image), or None; was < 0: unknown."""
+    if was < 0 or now == was:
+        return None
+    return f"changed since the manifest was built ({now} bytes, manifest says {was})"
+
+
 def _check_tail(f, size: int, needle: bytes, after: int, what: str) -> None:
     """The end marker must appear after `after` (an EXIF thumbnail carries its own)."""
     for span in (4096, TAIL_BYTES):  # most files end exactly with it: read little first
@@ -133,6 +149,12 @@ def _check_tail(f, size: int, needle: bytes, after: int, what: str) -> None:
 
 def image_header(path: str) -> Tuple[int, int]:
     """(width, height) of a JPEG or PNG file, raising BadFile with the reason."""
+    return inspect_file(path)[:2]
+
+
+def inspect_file(path: str) -> Tuple[int, int, int]:
+    """(width, height, size in bytes) of a JPEG or PNG file, raising BadFile with the
+    reason: what the manifest keeps of every file."""
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
@@ -152,60 +174,96 @@ def image_header(path: str) -> Tuple[int, int]:
                     return f.read(n)
                 w, h, sof = _jpeg_size(head, more)
                 _check_tail(f, size, b"\xff\xd9", sof, "JPEG")
-                return w, h
+                return w, h, size
             if head.startswith(PNG_MAGIC):
                 w, h = _png_size(head)
                 _check_tail(f, size, b"IEND", 16, "PNG")
-                return w, h
+                return w, h, size
     except OSError as e:
         raise BadFile(f"unreadable ({e.strerror})") from None
     raise BadFile(f"not a JPEG or PNG image (starts with {head[:8]!r})")
 
 
-def _check_chunk(paths: Sequence[str]) -> Tuple[np.ndarray, List[Tuple[int, str]]]:
-    sizes = np.full((len(paths), 2), -1, dtype=np.int32)
-    bad = []
-    for i, p in enumerate(paths):
-        try:
-            sizes[i] = image_header(p)
-        except BadFile as e:
-            bad.append((i, str(e)))
-    return sizes, bad
+def _check_range(paths: Sequence[str], start: int, end: int, threads: int = 1):
+    """inspect_file on paths[start:end] -> (sizes int32 [k, 2], bytes int64 [k],
+    [(position in the range, reason)]), with `threads` threads over contiguous blocks:
+    on a network file system each open and read waits a round trip with the GIL
+    released, so threads overlap the waits; the parse itself is a few microseconds."""
+    n = end - start
+    sizes = np.full((n, 2), -1, dtype=np.int32)
+    nbytes = np.full(n, -1, dtype=np.int64)
+    bad: List[Tuple[int, str]] = []
+
+    def run(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            try:
+                w, h, nbytes[i] = inspect_file(paths[start + i])
+                sizes[i] = w, h
+            except BadFile as e:
+                bad.append((i, str(e)))  # list.append is atomic: no lock needed
+
+    threads = max(1, min(threads, n // MIN_FILES_PER_THREAD))
+    if threads == 1:
+        run(0, n)
+    else:
+        cuts = np.linspace(0, n, threads + 1).astype(int)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, cuts[:-1], cuts[1:]))
+    return sizes, nbytes, sorted(bad)
+
+
+# What the forked workers check: set before the pool forks, so a worker gets its paths
+# by inheritance and each task pickles two ints instead of thousands of strings.
+_SHARED: Sequence[str] = ()
+
+
+def _check_shared(start: int, end: int, threads: int):
+    return _check_range(_SHARED, start, end, threads)
+
+
+def inspect_files(paths: Sequence[str], workers: int = 1, threads: int = THREADS_PER_WORKER,
+                  chunk: int = 4096, min_parallel: int = PARALLEL_MIN_FILES):
+    """inspect_file on every path -> (sizes int32 [n, 2] (w, h; -1 if bad), bytes int64
+    [n] (-1 if bad), [(index, reason)] sorted).
+
+    Large lists go to `workers` processes (the parse is Python, so threads alone would
+    share one core), each with `threads` threads (file-system round trips). Forked, as
+    paddle's DataLoader does: spawn would re-run the trainer's main module in every
+    worker. The children touch only files and numpy, never the DALI or Paddle threads
+    the parent may hold."""
+    global _SHARED
+    n = len(paths)
+    if workers <= 1 or n < min_parallel:
+        return _check_range(paths, 0, n, threads)
+    chunk = min(chunk, -(-n // workers))  # every worker gets a share
+    starts = list(range(0, n, chunk))
+    ends = [min(n, s + chunk) for s in starts]
+    sizes, nbytes, bad = [], [], []
+    _SHARED = paths
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            for s0, (s, b, why) in zip(starts, pool.map(_check_shared, starts, ends,
+                                                         [threads] * len(starts))):
+                sizes.append(s)
+                nbytes.append(b)
+                bad.extend((s0 + i, r) for i, r in why)
+    finally:
+        _SHARED = ()
+    return np.concatenate(sizes), np.concatenate(nbytes), bad
 
 
 def check_files(paths: Sequence[str], workers: int = 1, chunk: int = 4096,
                 min_parallel: int = PARALLEL_MIN_FILES) -> Tuple[np.ndarray, List[Tuple[int, str]]]:
-    """Header check of every path -> (sizes int32 [n, 2] (w, h; -1 if bad), [(index, reason)]).
-
-    Large lists go to `workers` processes (the parse is Python, so threads would share one
-    core). Forked, as paddle's DataLoader does: spawn would re-run the trainer's main
-    module in every worker. The children touch only files and numpy, never the DALI or
-    Paddle threads the parent may hold.
-    """
-    paths = list(paths)
-    if workers <= 1 or len(paths) < min_parallel:
-        return _check_chunk(paths)
-    chunk = min(chunk, -(-len(paths) // workers))  # every worker gets a share
-    pieces = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    sizes, bad = [], []
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-        for k, (s, b) in enumerate(pool.map(_check_chunk, pieces)):
-            sizes.append(s)
-            bad.extend((k * chunk + i, why) for i, why in b)
-    return np.concatenate(sizes), bad
+    """Header check of every path -> (sizes int32 [n, 2] (w, h; -1 if bad), [(index, reason)])."""
+    sizes, _, bad = inspect_files(paths, workers, chunk=chunk, min_parallel=min_parallel)
+    return sizes, bad
 
 
 def find_duplicates(paths: Sequence[str]) -> List[Tuple[int, str]]:
     """Later occurrences of a path already listed: they would be seen twice per epoch."""
-    first = {}
-    dups = []
-    for i, p in enumerate(paths):
-        key = os.path.normpath(p)
-        if key in first:
-            dups.append((i, f"duplicate of line {first[key] + 1}"))
-        else:
-            first[key] = i
-    return dups
+    if not isinstance(paths, PathTable):
+        paths = PathTable.from_strings(paths)
+    return [(i, f"duplicate of line {first + 1}") for i, first in paths.duplicates()]
 
 
 def find_bad_labels(labels: np.ndarray, num_classes: Optional[int]) -> List[Tuple[int, str]]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ppdpn.data.base import (MEAN_255, STD_255, SUBSTITUTE_SIZE, LoaderBase, _substitute_jpeg,
                              image_shape, log, resize_flip_normalize)
-from ppdpn.data.check import BadFile, size_changed, size_in_bytes
+from ppdpn.data.check import BadFile, bytes_changed, size_changed, size_in_bytes
 
 # Batches whose files are read ahead by threads while DALI decodes (reading a file
 # releases the GIL, so reading overlaps decoding even on 2 cores).
@@ -40,11 +40,12 @@ KEPT_BATCHES = 4
 MAX_FAILURES_PER_STEP = 3
 
 
-def _read_bytes(samples, i: int, size: Sequence[int]):
-    """File bytes as uint8, or the reason they cannot be fed: unreadable, or a header
-    that no longer gives the pre-flight `size` (w, h). A file rewritten since the
-    pre-flight would get a crop window meant for another image, and DALI's CPU resize
-    crashes the process (SIGSEGV) on an eval window outside the image."""
+def _read_bytes(samples, i: int, size: Sequence[int], nbytes: int = -1):
+    """File bytes as uint8, or the reason they cannot be fed: unreadable, a header that
+    no longer gives the pre-flight `size` (w, h), or another byte count than the
+    manifest's `nbytes` (-1: unknown). A file rewritten since the pre-flight would get
+    a crop window meant for another image, and DALI's CPU resize crashes the process
+    (SIGSEGV) on an eval window outside the image."""
     try:
         data = samples.read(i)
     except OSError as e:
@@ -55,7 +56,7 @@ def _read_bytes(samples, i: int, size: Sequence[int]):
         now = size_in_bytes(data)
     except BadFile as e:
         return f"{e} (mid-run)"
-    return size_changed(now, size) or data
+    return size_changed(now, size) or bytes_changed(data.size, nbytes) or data
 
 
 def _refs_of_a_listed_array() -> int:
@@ -98,7 +99,8 @@ class _Feeder:
         for s in range(step, min(step + READ_AHEAD * self.stride, len(self.idx)), self.stride):
             if s not in self._reads:
                 row, loader = self.idx[s], self.loader
-                files = list(zip(row.tolist(), loader.sizes[row].tolist()))
+                files = list(zip(row.tolist(), loader.sizes[row].tolist(),
+                                 loader.file_bytes[row].tolist()))
                 self._reads[s] = self._pool.submit(
                     lambda fs, samples=loader.samples: [_read_bytes(samples, *f) for f in fs], files)
 

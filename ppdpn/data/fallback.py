@@ -8,12 +8,12 @@ flip, (x - mean) / std, HWC -> CHW.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
 from ppdpn.data.base import LoaderBase, image_shape, normalize, resize_flip_normalize
-from ppdpn.data.check import BadFile, size_changed
+from ppdpn.data.check import BadFile, bytes_changed, size_changed
 from ppdpn.data.lists import Samples
 from ppdpn.preprocess import eval_geometry
 
@@ -35,8 +35,10 @@ class _JobDataset:
     """Map-style data set indexed by jobs rather than by sample number."""
 
     def __init__(self, samples: Samples, sizes: np.ndarray, train: bool,
-                 size: int, resize_short: int, layout: str, dtype: str):
+                 size: int, resize_short: int, layout: str, dtype: str,
+                 file_bytes: Optional[np.ndarray] = None):
         self.samples, self.sizes, self.labels, self.train = samples, sizes, samples.labels, train
+        self.file_bytes = file_bytes  # int64 [n] from the manifest (-1: unknown), or None
         self.size = size
         self.resize_short, self.layout, self.dtype = resize_short, layout, dtype
 
@@ -45,8 +47,10 @@ class _JobDataset:
 
     def _decode(self, sample: int) -> np.ndarray:
         import cv2
-        img = cv2.imdecode(self.samples.read(sample),
-                           cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        data = self.samples.read(sample)
+        if self.file_bytes is not None and bytes_changed(data.size, int(self.file_bytes[sample])):
+            raise ValueError("byte count changed")
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if img is None:
             raise ValueError("OpenCV cannot decode it")
         # A file rewritten since the pre-flight: its crop window was meant for another image
@@ -95,8 +99,8 @@ class FallbackLoader(LoaderBase):
 
     def dataset(self) -> _JobDataset:
         c = self.cfg
-        return _JobDataset(self.samples, self.sizes, self.is_train,
-                           self.image_size, c.resize_short, c.output_layout, self.output_dtype)
+        return _JobDataset(self.samples, self.sizes, self.is_train, self.image_size,
+                           c.resize_short, c.output_layout, self.output_dtype, self.file_bytes)
 
     def jobs(self, epoch: int, idx: np.ndarray, valid: np.ndarray,
              start_step: int) -> List[List[Job]]:
@@ -131,4 +135,11 @@ class FallbackLoader(LoaderBase):
             now = self.samples.header(sample)
         except BadFile as e:
             return f"{e} (mid-run)"
-        return size_changed(now, self.sizes[sample]) or "decode failed (OpenCV cannot decode it)"
+        changed = size_changed(now, self.sizes[sample])
+        if changed:
+            return changed
+        try:
+            changed = bytes_changed(self.samples.read(sample).size, int(self.file_bytes[sample]))
+        except OSError as e:
+            return f"unreadable mid-run ({e.strerror or e})"
+        return changed or "decode failed (OpenCV cannot decode it)"
