@@ -152,6 +152,30 @@ def test_manifest_dir_and_an_unwritable_place(tmp_path):
                      "train", DistContext(), 0)
 
 
+def test_a_read_only_data_set_keeps_its_manifest_in_the_user_cache(tmp_path, monkeypatch, caplog):
+    """A shared, read-only ImageNet copy (a read-only bind mount here): the manifest goes
+    to $XDG_CACHE_HOME/ppdpn/manifests, and the second start reads it from there."""
+    import subprocess
+    src = write_images(tmp_path / "data", 4)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(src), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        calls = _count_inspections(monkeypatch)
+        with caplog.at_level(logging.INFO, logger="ppdpn.data"):
+            build_loader(cfg_for(ro, "dali"), "train", DistContext(), 0)
+        assert "read-only" in caplog.text and len(calls) == 4
+        made = os.listdir(tmp_path / "cache" / "ppdpn" / "manifests")
+        assert len(made) == 1 and made[0].startswith("train_list.txt.")
+        calls.clear()
+        build_loader(cfg_for(ro, "dali"), "train", DistContext(), 0)
+        assert calls == []
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
 def test_class_folder_tree_gets_a_manifest_beside_it(tmp_path, monkeypatch):
     for c in range(2):
         write_images(tmp_path / "val" / f"class{c}", 3, seed=c)

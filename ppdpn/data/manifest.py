@@ -80,13 +80,32 @@ def check_samples(samples: Samples, workers: int) -> FileTable:
     return FileTable(sizes, nbytes, dict(bad), samples.paths.duplicates(), built_here=True)
 
 
+def user_cache_dir() -> str:
+    """Where manifests of read-only data sets go: $XDG_CACHE_HOME/ppdpn/manifests."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ppdpn", "manifests")
+
+
 def load_or_build(samples: Samples, manifest_dir: str = "", workers: int = 1) -> FileTable:
-    """The split's FileTable from its manifest, built first if missing, stale or damaged."""
+    """The split's FileTable from its manifest, built first if missing, stale or damaged.
+
+    Without manifest_dir, a data set whose folder is read-only (a shared ImageNet copy,
+    often) keeps its manifest in user_cache_dir(); one built ahead next to the list
+    (`python -m data.validate --write-manifest`) is still read first."""
     path = manifest_path(samples, manifest_dir)
     key = manifest_key(samples)
     table, why = read_manifest(path, key, len(samples))
     if table is not None:
         return table
+    folder = os.path.dirname(os.path.abspath(path))
+    if not manifest_dir and os.path.isdir(folder) and not os.access(folder, os.W_OK):
+        cache = user_cache_dir()
+        path = manifest_path(samples, cache)
+        table, why = read_manifest(path, key, len(samples))
+        if table is not None:
+            return table
+        log.info("%s is read-only: the manifest of checked files goes to %s "
+                 "(DataLoader.manifest_dir chooses another folder)", folder, cache)
     if why != "missing":
         log.warning("manifest %s %s: rebuilding it", path, why)
     return _build_once(samples, path, key, workers)
