@@ -153,7 +153,8 @@ def test_eval_job_on_two_nodes_counts_every_image_once(cluster, two_node_run, ti
     assert metrics["top1"] == pytest.approx(rows[-1]["eval_top1"], abs=1e-9)
     # Node 1's process took part: it printed the same (all-reduced) metrics as rank 1 of 2.
     node1 = read(tmp_path / "eval_out/log/node1/workerlog.0")
-    assert "rank_id: 1" in node1 and json.loads(node1.strip().splitlines()[-1]) == metrics
+    assert json.loads(node1.strip().splitlines()[-1]) == metrics
+    assert "PADDLE_TRAINER_ID=1\n" in read(tmp_path / "eval_out/log/node1/envlog.0")
 
 
 def test_unreachable_rendezvous_fails_fast_naming_the_address(cluster, tiny_data, tmp_path):
