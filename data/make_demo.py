@@ -1,4 +1,4 @@
-"""Make the embedded demo data set: procedurally drawn shapes and textures as JPEGs.
+"""Make the embedded demo data set: procedurally drawn textures as JPEGs.
 
     python -m data.make_demo --out demo_data [--seed 0] [--classes 10]
                              [--train-per-class 500] [--val-per-class 100]
@@ -28,14 +28,21 @@ import cv2  # noqa: E402
 
 from ppdpn.data.lists import write_list  # noqa: E402
 
-CLASSES = ("circle", "square", "triangle", "star", "cross",
-           "rings", "horizontal_stripes", "diagonal_stripes", "checkerboard", "dots")
+CLASSES = ("horizontal_stripes", "vertical_stripes", "diagonal_stripes", "checkerboard",
+           "crosshatch", "zigzag", "dots", "rings", "sunburst", "blobs")
 SIDE_RANGE = (80, 160)  # width and height drawn independently: aspect ratios 1:2 to 2:1
+# Periods are drawn as a number of repeats across the short side, so a pattern has about
+# the same scale in the network's input whatever the image size: 3-6 repeats put 12-24 px
+# per period into the 64 px eval crop (checkerboard cells of 6-12 px, wide enough to
+# survive blur and JPEG), and 2-6 into a random-resized training crop of area 0.4-1
+# (11-34 px per period), so eval scales lie inside the training scales.
+REPEATS = (3.0, 6.0)
 # Foreground and background colours are uniform in RGB and independent of the class; this
 # minimum distance keeps the pattern visible after noise and JPEG.
 MIN_CONTRAST = 90.0
+DUTY = (0.35, 0.65)  # foreground share of a period: stripes, rings, rays, zigzag
 _SPLIT_CODE = {"train": 0, "val": 1}
-_SUB = 4  # cv2 polygon sub-pixel bits: smooth edges at small sizes
+_TILT = math.radians(10)  # orientation jitter of the oriented classes
 
 
 def _colours(rng):
@@ -50,72 +57,62 @@ def _rotated(u, v, angle):
     return u * c + v * s, -u * s + v * c
 
 
-def _polygon(kind, r, rng):
-    """Unit-free vertex list (x, y) of a shape of radius r around the origin."""
-    if kind == "square":
-        t = np.arange(4) * math.pi / 2 + math.pi / 4
-        return np.stack([np.cos(t), np.sin(t)], 1) * r
-    if kind == "triangle":
-        t = np.arange(3) * 2 * math.pi / 3
-        return np.stack([np.cos(t), np.sin(t)], 1) * r
-    if kind == "star":
-        t = np.arange(10) * math.pi / 5
-        rad = np.where(np.arange(10) % 2 == 0, r, r * rng.uniform(0.38, 0.5))
-        return np.stack([np.cos(t) * rad, np.sin(t) * rad], 1)
-    # cross: a plus sign with arms of width 2a
-    a = r * rng.uniform(0.25, 0.35)
-    return np.array([(a, r), (a, a), (r, a), (r, -a), (a, -a), (a, -r), (-a, -r), (-a, -a),
-                     (-r, -a), (-r, a), (-a, a), (-a, r)], dtype=np.float64)
+def _orientation(kind, rng):
+    """Angle of the pattern. Training flips images left-right, which maps an angle a to
+    -a, so every class is closed under the flip: horizontal, vertical, or diagonal either
+    way, each +-10 degrees; the hexagonal dots take any rotation."""
+    tilt = rng.uniform(-_TILT, _TILT)
+    if kind == "vertical_stripes":
+        return math.pi / 2 + tilt
+    if kind in ("diagonal_stripes", "crosshatch"):
+        return rng.choice([-1, 1]) * math.pi / 4 + tilt
+    if kind == "dots":
+        return rng.uniform(0, math.pi)
+    return tilt
 
 
-def _shape_mask(kind, w, h, rng):
-    """1-3 filled shapes of random size, position and rotation (several, so that a small
-    random crop still tends to hold one whole shape)."""
-    mask = np.zeros((h, w), np.uint8)
-    count = rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2])
-    size = {1: (0.28, 0.42), 2: (0.18, 0.28), 3: (0.14, 0.22)}[count]
-    for _ in range(count):
-        r = rng.uniform(*size) * min(w, h)
-        cx, cy = rng.uniform(r * 0.8, w - r * 0.8), rng.uniform(r * 0.8, h - r * 0.8)
-        if kind == "circle":
-            cv2.circle(mask, (int(cx * 16), int(cy * 16)), int(r * 16), 255, -1, cv2.LINE_AA, _SUB)
-            continue
-        pts = _polygon(kind, r, rng)
-        x, y = _rotated(pts[:, 0], pts[:, 1], rng.uniform(0, 2 * math.pi))
-        poly = np.stack([x + cx, y + cy], 1) * 16
-        cv2.fillPoly(mask, [poly.round().astype(np.int32)], 255, cv2.LINE_AA, _SUB)
-    return mask.astype(np.float32) / 255.0
-
-
-def _texture_mask(kind, w, h, rng):
-    """Patterns filling the whole image, so every crop shows them."""
+def _mask(kind, w, h, rng):
+    """The class's two-level pattern filling the whole image (1 = foreground), so that
+    every crop of it shows the class: random period, phase, duty and orientation."""
+    period = min(w, h) / rng.uniform(*REPEATS)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    if kind in ("rings", "sunburst"):  # centred in the middle half: crops see curvature
+        x, y = x - rng.uniform(0.25, 0.75) * w, y - rng.uniform(0.25, 0.75) * h
+        if kind == "rings":
+            radius = np.hypot(x, y) + rng.uniform(0, period)
+            return radius % period < period * rng.uniform(*DUTY)
+        rays = int(rng.integers(8, 17))  # foreground wedges
+        turn = np.arctan2(y, x) / (2 * math.pi) * rays + rng.uniform(0, 1)
+        return turn % 1 < rng.uniform(*DUTY)
+    if kind == "blobs":  # smooth random field cut at its median: irregular, no period
+        field = rng.standard_normal((int(h / period * 2) + 2, int(w / period * 2) + 2))
+        field = cv2.resize(field.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+        return field > np.median(field)
     x, y = x - rng.uniform(0, w), y - rng.uniform(0, h)
-    if kind == "rings":
-        period = rng.uniform(8, 16)
-        return (np.hypot(x, y) % period < period * rng.uniform(0.35, 0.6)).astype(np.float32)
-    if kind in ("horizontal_stripes", "diagonal_stripes"):
-        tilt = rng.uniform(-0.17, 0.17)  # +-10 degrees
-        if kind == "diagonal_stripes":
-            tilt += rng.choice([-1, 1]) * math.pi / 4
-        u, v = _rotated(x, y, tilt)
-        period = rng.uniform(8, 18)
-        return (v % period < period / 2).astype(np.float32)
-    u, v = _rotated(x, y, rng.uniform(0, math.pi / 2))
+    u, v = _rotated(x, y, _orientation(kind, rng))
+    if kind.endswith("stripes"):
+        return v % period < period * rng.uniform(*DUTY)
+    if kind == "crosshatch":  # thin lines both ways: a lattice of diamonds
+        width = period * rng.uniform(0.12, 0.22)
+        return (u % period < width) | (v % period < width)
     if kind == "checkerboard":
-        cell = rng.uniform(7, 16)
-        return ((np.floor(u / cell) + np.floor(v / cell)) % 2).astype(np.float32)
-    spacing = rng.uniform(11, 20)  # dots on a rotated lattice
-    du = (u % spacing) - spacing / 2
-    dv = (v % spacing) - spacing / 2
-    return (np.hypot(du, dv) < spacing * rng.uniform(0.2, 0.3)).astype(np.float32)
+        return (np.floor(u / (period / 2)) + np.floor(v / (period / 2))) % 2 == 1
+    if kind == "dots":  # a hexagonal lattice: unlike the checkerboard's squares
+        row = period * math.sqrt(3) / 2
+        du = (u + np.floor(v / row) % 2 * period / 2) % period - period / 2
+        dv = v % row - row / 2
+        return np.hypot(du, dv) < period * rng.uniform(0.18, 0.28)
+    # zigzag: horizontal stripes displaced by a triangle wave along them
+    wave, amp = period * rng.uniform(1.2, 2.2), period * rng.uniform(0.35, 0.6)
+    tri = np.abs((u / wave) % 1 * 2 - 1) * amp
+    return (v + tri) % period < period * rng.uniform(*DUTY)
 
 
 def draw_image(label: int, rng: np.random.Generator) -> np.ndarray:
-    """One RGB uint8 image of class `label`: pattern mask, colours, shading, noise."""
+    """One RGB uint8 image of class `label`: pattern, colours, shading, blur, noise."""
     w, h = (int(v) for v in rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1, 2))
-    kind = CLASSES[label]
-    mask = _shape_mask(kind, w, h, rng) if label < 5 else _texture_mask(kind, w, h, rng)
+    mask = _mask(CLASSES[label], w, h, rng).astype(np.float32)
+    mask = cv2.GaussianBlur(mask, (0, 0), rng.uniform(0.4, 1.2))  # soft, anti-aliased edges
     fg, bg = (c.astype(np.float32) for c in _colours(rng))
     angle = rng.uniform(0, 2 * math.pi)  # soft light gradient: colour alone varies in-image
     amp = rng.uniform(-40, 40) / max(w, h)

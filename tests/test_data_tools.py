@@ -109,10 +109,10 @@ def test_demo_is_deterministic_and_valid(tmp_path):
     files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
     assert len(files) == 4 * 5 + 3
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    assert (a / "train/00_circle/00_circle_00000.jpg").read_bytes() != \
-        (c / "train/00_circle/00_circle_00000.jpg").read_bytes()
+    assert (a / "train/00_horizontal_stripes/00_horizontal_stripes_00000.jpg").read_bytes() != \
+        (c / "train/00_horizontal_stripes/00_horizontal_stripes_00000.jpg").read_bytes()
     assert validate.main(["--root", str(a), "--list", "train_list.txt", "--decode"]) == 0
-    assert (a / "labels.txt").read_text().splitlines()[3] == "3 star"
+    assert (a / "labels.txt").read_text().splitlines()[3] == "3 checkerboard"
 
 
 def test_demo_classes_are_not_separable_by_mean_colour(tmp_path):

@@ -9,7 +9,7 @@ DATA=./demo_data
 OUT=./output/demo
 
 if [ ! -f "$DATA/train_list.txt" ]; then
-  # 300 train + 100 val images per class: sized so training fits in about 3.5 minutes on 2 cores
+  # 300 train + 100 val images per class: sized so training + eval fit in 3 minutes on 2 cores
   "$PY" -m data.make_demo --out "$DATA" --train-per-class 300 --val-per-class 100
 fi
 if [ -f "$OUT/checkpoints/latest" ]; then
