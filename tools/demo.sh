@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU demo: make the embedded data set, train DPNTiny with 2 processes through
-# paddle.distributed.launch, then evaluate the best checkpoint on the held-out split.
+# ppdpn.launch (Paddle's launcher), then evaluate the best checkpoint on the held-out split.
 # Extra arguments are passed to train.py as overrides, e.g. `-o Global.epochs=3`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
