@@ -105,7 +105,7 @@ def manifest_available() -> bool:
 
 def remove_manifests(data_dir: Path) -> list:
     """INTEGRATION: delete what the manifest code wrote for this data set, so the next
-    run builds it again. Assumed: files or folders named *manifest* in the data folder."""
+    run builds it again: <list>.manifest.npz (+ .lock) beside each list file."""
     gone = []
     for p in data_dir.glob("*manifest*"):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -121,15 +121,16 @@ def pack_available() -> bool:
 def pack_shards(data_dir: Path, list_name: str) -> str:
     """INTEGRATION: pack the list's files into tar shards; returns DataLoader.train_list
     (relative to the data folder) naming the shard index. Done once, reused."""
-    out = f"shards_{Path(list_name).stem}"
-    index = data_dir / out / "index"
-    if not (data_dir / out).is_dir():
-        cmd = [sys.executable, "-m", "data.pack", "--root", str(data_dir),
-               "--list", list_name, "--out", str(data_dir / out)]
+    name = Path(list_name).stem
+    index = Path(f"shards_{name}") / f"{name}.index.npz"
+    if not (data_dir / index).is_file():  # an interrupted pack resumes where it stopped
+        cmd = [sys.executable, "-m", "data.pack", "--root", str(data_dir), "--list", list_name,
+               "--out", str(data_dir / index.parent), "--name", name]
         print("#", " ".join(cmd), flush=True)
+        t = time.time()
         subprocess.run(cmd, check=True, cwd=REPO)
-    found = sorted((data_dir / out).glob("*index*"))
-    return str((found[0] if found else index).relative_to(data_dir))
+        print(f"# packed in {time.time() - t:.0f} s", flush=True)
+    return str(index)
 
 
 def split_samples(image_root: str, train_list: str):
@@ -244,7 +245,6 @@ def unmount_all() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)  # if it could not
-        shutil.rmtree(mnt, ignore_errors=True)
 
 
 class LatencyFS:
@@ -254,7 +254,12 @@ class LatencyFS:
         self.exe, self.backing, self.latency_ms, self.cache_s = exe, backing, latency_ms, cache_s
 
     def __enter__(self):
-        self.mnt = tempfile.mkdtemp(prefix="latency_fs_")
+        # Always the same path beside the data folder: the manifest is keyed by the image
+        # root's absolute path, so a manifest built through one mount stays valid in the next
+        self.mnt = str(self.backing.parent / f"{self.backing.name}.mnt")
+        os.makedirs(self.mnt, exist_ok=True)
+        if os.path.ismount(self.mnt):  # left by a run that was killed with SIGKILL
+            subprocess.run(["fusermount3", "-u", "-z", self.mnt], capture_output=True)
         c = self.cache_s
         opts = f"entry_timeout={c},attr_timeout={c},negative_timeout={c},auto_unmount"
         self.proc = subprocess.Popen([str(self.exe), str(self.backing),
