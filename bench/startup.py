@@ -616,9 +616,10 @@ def judge(startup: dict, reading: dict, sizes: dict, args) -> list:
     def target(name, passed, measured):
         out.append({"target": name, "pass": passed, "measured": measured})
 
-    path = "with a valid manifest" if manifest_available() else \
+    loose_path = "with a valid manifest" if manifest_available() else \
         "no manifest on this checkout: the start-up path is the per-rank pre-flight"
     for lay, res in startup.items():
+        path = loose_path if lay == "loose" else "from the shard index"
         small, big = (syscalls_total(res["syscalls"][k]) for k in ("small", "big"))
         slope = (big[0] - small[0]) / (sizes["big"] - sizes["small"])
         target(f"{lay}: start-up FS ops per rank do not grow with the files "
