@@ -66,7 +66,6 @@ import atexit
 import importlib.util
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -472,20 +471,41 @@ def start_child(kind: str, spec: dict, env: dict, log: Path, trace=None) -> subp
     return proc
 
 
-def wait_children(procs, cap_s: float, logs) -> bool:
-    """Wait for all; True when the cap was hit (then every one is killed)."""
+def peak_rss_so_far(pid: int):
+    """(VmHWM of the rank under process `pid` (itself, or below strace), the largest of
+    its workers') in MB, read before a stopped run is killed."""
+    import psutil
+
+    def hwm(p) -> float:
+        for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+    try:
+        top = psutil.Process(pid)
+        rank = next(p for p in [top, *top.children(recursive=True)] if "_rank" in p.cmdline())
+        workers = [hwm(w) for w in rank.children(recursive=True)]
+        return round(hwm(rank), 1), round(max(workers, default=0.0), 1)
+    except (StopIteration, psutil.Error, OSError):
+        return None, None
+
+
+def wait_children(procs, cap_s: float, logs):
+    """Wait for all: None when they finished; when the cap was hit, every one is killed
+    and the result is [(rank's peak RSS so far, its workers' largest)] per process."""
     deadline = time.time() + cap_s
     for proc, log in zip(procs, logs):
         try:
             rc = proc.wait(max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
+            peaks = [peak_rss_so_far(p.pid) for p in procs]
             kill_children()
-            return True
+            return peaks
         if rc != 0:
             kill_children()
             tail = log.read_text().splitlines()[-15:]
             raise RuntimeError(f"{log.name} exited with {rc}:\n" + "\n".join(tail))
-    return False
+    return None
 
 
 def run_ranks(world: int, image_root: str, train_list: str, args, entries: int,
@@ -505,7 +525,8 @@ def run_ranks(world: int, image_root: str, train_list: str, args, entries: int,
                "PADDLE_LOCAL_RANK": str(r), "OMP_NUM_THREADS": "1"}
         logs.append(tmp / f"rank{r}.log")
         procs.append(start_child("_rank", spec, env, logs[-1], trace))
-    capped = wait_children(procs, args.cap_s, logs)
+    peaks = wait_children(procs, args.cap_s, logs)
+    capped = peaks is not None
     elapsed = min(time.time() - t0, args.cap_s)
     out = {"world": world, "entries": entries, "page_cache_dropped": cache_dropped,
            "wall_s": round(elapsed, 1)}
@@ -523,7 +544,9 @@ def run_ranks(world: int, image_root: str, train_list: str, args, entries: int,
         opened = out["syscalls_to_first_batch"]["opens"] if trace else ops["open"]
         done = min(1.0, opened / (entries * world))
         out.update(capped=True, files_opened_fraction=round(done, 4),
-                   extrapolated_s=round(elapsed / done) if done else None)
+                   extrapolated_s=round(elapsed / done) if done else None,
+                   peak_rss_so_far_mb=max((p[0] or 0 for p in peaks), default=None),
+                   workers_peak_rss_so_far_mb=max((p[1] or 0 for p in peaks), default=None))
         if trace and done:
             out["syscalls_extrapolated"] = {k: round(v / done) for k, v in
                                             out["syscalls_to_first_batch"].items()}
@@ -693,8 +716,10 @@ def report(startup: dict, reading: dict, targets: list, args) -> None:
             fs_ops = ", ".join(f"{k} {v:,}" for k, v in r["fs_ops_per_rank"].items())
             if r.get("capped"):
                 print(f"{head} > {args.cap_s:.0f} s (stopped; {r['files_opened_fraction']:.1%} "
-                      f"of the files opened, extrapolated {r['extrapolated_s']} s); "
-                      f"FS daemon CPU {r['fs_daemon_cpu_s']} s; FS ops per rank so far: {fs_ops}")
+                      f"of the files opened, extrapolated {r['extrapolated_s']} s); peak RSS "
+                      f"so far {r['peak_rss_so_far_mb']} MB (check workers "
+                      f"{r['workers_peak_rss_so_far_mb']} MB); FS daemon CPU "
+                      f"{r['fs_daemon_cpu_s']} s; FS ops per rank so far: {fs_ops}")
                 continue
             print(f"{head} first batch {r['first_batch_s']} s after build_loader "
                   f"({r['from_process_start_s']} s from process start), peak RSS "
