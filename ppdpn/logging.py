@@ -135,7 +135,7 @@ class RunLogger:
 
         def said(r: dict) -> str:
             return (f"top1 {r['eval_top1']:.4f} top5 {r['eval_top5']:.4f} loss {r['eval_loss']:.4f} "
-                    f"(epoch {r['epoch'] + 1}, global step {r['global_step']})")
+                    f"(after {r['epoch']} whole epoch(s), global step {r['global_step']})")
         took = f"{_fmt_time(elapsed_s)} in this run"
         if not evals:
             return f"[run] finished: no evaluation recorded; {took}"
