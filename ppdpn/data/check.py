@@ -8,6 +8,7 @@ compute crop windows from them without decoding.
 """
 from __future__ import annotations
 
+import gc
 import os
 import struct
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -240,6 +241,8 @@ def inspect_files(paths: Sequence[str], workers: int = 1, threads: int = THREADS
     ends = [min(n, s + chunk) for s in starts]
     sizes, nbytes, bad = [], [], []
     _SHARED = paths
+    gc.collect()  # see ppdpn/data/fallback.py:_forked_safely: no garbage for the children
+    gc.freeze()
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
             for s0, (s, b, why) in zip(starts, pool.map(_check_shared, starts, ends,
@@ -249,6 +252,7 @@ def inspect_files(paths: Sequence[str], workers: int = 1, threads: int = THREADS
                 bad.extend((s0 + i, r) for i, r in why)
     finally:
         _SHARED = ()
+        gc.unfreeze()
     return np.concatenate(sizes), np.concatenate(nbytes), bad
 
 
