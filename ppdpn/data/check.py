@@ -8,6 +8,7 @@ compute crop windows from them without decoding.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import struct
@@ -222,6 +223,22 @@ def _check_shared(start: int, end: int, threads: int):
     return _check_range(_SHARED, start, end, threads)
 
 
+@contextlib.contextmanager
+def no_garbage_for_forks():
+    """Around a fork (process pools here, paddle's DataLoader workers in fallback.py): a
+    forked child that finalised an earlier loader's DALI pipeline, unreachable but not yet
+    collected in this process, waited forever on the pipeline's threads, which do not
+    exist in the child (seen as a hung test). So the garbage is collected here first, and
+    what is left is frozen while the children start: their collector never looks at
+    objects they inherited."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def inspect_files(paths: Sequence[str], workers: int = 1, threads: int = THREADS_PER_WORKER,
                   chunk: int = 4096, min_parallel: int = PARALLEL_MIN_FILES):
     """inspect_file on every path -> (sizes int32 [n, 2] (w, h; -1 if bad), bytes int64
@@ -241,10 +258,9 @@ def inspect_files(paths: Sequence[str], workers: int = 1, threads: int = THREADS
     ends = [min(n, s + chunk) for s in starts]
     sizes, nbytes, bad = [], [], []
     _SHARED = paths
-    gc.collect()  # see ppdpn/data/fallback.py:_forked_safely: no garbage for the children
-    gc.freeze()
     try:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        with no_garbage_for_forks(), \
+                ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
             for s0, (s, b, why) in zip(starts, pool.map(_check_shared, starts, ends,
                                                          [threads] * len(starts))):
                 sizes.append(s)
@@ -252,7 +268,6 @@ def inspect_files(paths: Sequence[str], workers: int = 1, threads: int = THREADS
                 bad.extend((s0 + i, r) for i, r in why)
     finally:
         _SHARED = ()
-        gc.unfreeze()
     return np.concatenate(sizes), np.concatenate(nbytes), bad
 
 

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ppdpn.data.base import LoaderBase, image_shape, normalize, resize_flip_normalize
-from ppdpn.data.check import BadFile, bytes_changed, size_changed
+from ppdpn.data.check import BadFile, bytes_changed, no_garbage_for_forks, size_changed
 from ppdpn.data.lists import Samples
 from ppdpn.preprocess import eval_geometry
 
@@ -93,22 +93,6 @@ def _collate(items):
             tuple(int(k) for k in np.nonzero(~ok)[0]))
 
 
-def _forked_safely(loader):
-    """iter(loader), which forks the DataLoader's workers, with no garbage for them to
-    collect: a forked worker that finalised a DALI pipeline inherited from this process
-    (an earlier loader's, unreachable but not yet collected) waited forever on the
-    pipeline's threads, which do not exist in the child (seen as a hung test). So the
-    garbage is collected here first, and what is left is frozen for the fork: the
-    workers' collector never looks at objects they inherited."""
-    import gc
-    gc.collect()
-    gc.freeze()
-    try:
-        return iter(loader)
-    finally:
-        gc.unfreeze()
-
-
 class FallbackLoader(LoaderBase):
     """paddle.io.DataLoader over the plan's batches; a new DataLoader per epoch, so
     worker processes see the current epoch's jobs and the failed-file book."""
@@ -140,7 +124,9 @@ class FallbackLoader(LoaderBase):
             num_workers=self.cfg.num_workers, collate_fn=_collate, return_list=True,
             prefetch_factor=self.cfg.prefetch)
         # The DataLoader puts its tensors on the current device (paddle.set_device).
-        for step, (images, labels, keep, failed) in enumerate(_forked_safely(loader), start_step):
+        with no_garbage_for_forks():
+            batches = iter(loader)  # forks the workers
+        for step, (images, labels, keep, failed) in enumerate(batches, start_step):
             for k in failed:
                 self.record_failure(int(idx[step][k]), self._diagnose(int(idx[step][k])))
             yield images, labels, keep
