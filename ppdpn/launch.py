@@ -59,17 +59,17 @@ def say(msg: str) -> None:
     print(f"launch: {msg}", file=sys.stderr, flush=True)
 
 
-def _worker_pids(ctrl) -> list:
-    pids = []
-    for c in ctrl.pod.containers:
-        proc = getattr(c._proc, "_proc", None)  # Container -> ProcessContext -> Popen
-        if proc is not None and proc.poll() is None:
-            pids.append(proc.pid)
-    return pids
+def _live_worker_pids() -> list:
+    """Pids of the training processes still running (each leads its process group)."""
+    if _controller is None:
+        return []
+    # Container -> ProcessContext -> Popen
+    procs = [getattr(c._proc, "_proc", None) for c in _controller.pod.containers]
+    return [p.pid for p in procs if p is not None and p.poll() is None]
 
 
 def _ask_workers_to_stop() -> int:
-    pids = _worker_pids(_controller) if _controller is not None else []
+    pids = _live_worker_pids()
     for pid in pids:
         try:
             os.kill(pid, signal.SIGUSR1)  # the process only: its DataLoader workers die of USR1
@@ -103,14 +103,11 @@ def _on_signal(signum, frame) -> None:
 
 def _stop_now(name: str) -> None:
     say(f"{name} again: stopping now, without waiting for the checkpoint")
-    if _controller is not None:
-        for c in _controller.pod.containers:
-            proc = getattr(c._proc, "_proc", None)
-            if proc is not None and proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # each worker leads its group
-                except (ProcessLookupError, PermissionError):
-                    pass
+    for pid in _live_worker_pids():
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the worker and its DataLoader processes
+        except (ProcessLookupError, PermissionError):
+            pass
     os._exit(128 + signal.Signals[name])
 
 
@@ -229,7 +226,6 @@ def main(argv=None) -> None:
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, _on_signal)  # INT, TERM: until the controller takes them over
     before_paddle_import()
-    os.environ.setdefault("PYTHONWARNINGS", "ignore:No ccache found")  # the workers' copy
     if not any(a == "--log_level" or a.startswith("--log_level=") for a in argv):
         argv = ["--log_level", "WARNING"] + argv
     import logging
