@@ -18,7 +18,8 @@ from ppdpn.data.check import BadFile, image_header
 from ppdpn.data.lists import load_split, read_list
 from ppdpn.data.shards import ShardIndex, ShardSamples, parse_tar_header, tar_header
 from ppdpn.dist import DistContext
-from test_data_loaders import (BACKENDS, N_ODD, _two_epochs_see_all_but, cfg_for, collect,
+from test_data_loaders import (BACKENDS, N_ODD, _two_epochs_see_all_but,
+                               assert_resume_repeats_the_batches, cfg_for, collect,
                                write_images)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,12 +153,7 @@ def test_loose_and_packed_give_identical_batches(packed, backend, split):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_epoch_on_shards_repeats_the_same_batches(packed, backend):
-    cfg = shard_cfg(packed, backend)
-    full = collect(build_loader(cfg, "train", DistContext(), seed=3), epoch=2)
-    resumed = collect(build_loader(cfg, "train", DistContext(), seed=3), epoch=2, start=3)
-    assert len(resumed) == len(full) - 3
-    for (a, la, va), (b, lb, vb) in zip(full[3:], resumed):
-        assert np.array_equal(la, lb) and np.array_equal(va, vb) and np.array_equal(a, b)
+    assert_resume_repeats_the_batches(shard_cfg(packed, backend))
 
 
 

@@ -40,17 +40,6 @@ def _wait_for_training(out: Path, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def _launcher_pid(parent: int, timeout: float = 30) -> int:
-    import psutil
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for child in psutil.Process(parent).children():
-            if "ppdpn.launch" in " ".join(child.cmdline()):
-                return child.pid
-        time.sleep(0.1)
-    raise AssertionError("no launcher under launch.sh")
-
-
 def test_launch_sh_help_prints_its_usage():
     proc = subprocess.run(["bash", "launch.sh", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=30)
