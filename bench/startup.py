@@ -660,11 +660,12 @@ def judge(startup: dict, reading: dict, sizes: dict, args) -> list:
         runs = [*res["runs"].values(), res["syscalls"]["big"]]
         tables = [r["tables_mb"] for r in runs if "tables_mb" in r]
         what = "loader.samples + loader.sizes"
-        if not tables:  # no start-up run at this size reached its first batch
+        if not tables and lay in reading:  # no start-up run at this size reached its first batch
             tables, what = [reading[lay]["syscalls"]["samples_tables_mb"]], \
                 "the Samples load_split gives, without loader.sizes: no start-up run finished"
         target(f"{lay}: per-rank memory of the train split tables < 200 MB "
-               f"({sizes['big']:,} entries)", max(tables) < 200, f"{max(tables)} MB ({what})")
+               f"({sizes['big']:,} entries)", max(tables) < 200 if tables else None,
+               f"{max(tables)} MB ({what})" if tables else "no start-up run finished")
     lat = str(args.latency_ms)
     if "shards" in reading:
         sh, lo = reading["shards"]["by_latency"], reading["loose"]["by_latency"]
@@ -677,7 +678,7 @@ def judge(startup: dict, reading: dict, sizes: dict, args) -> list:
         ratio0 = sh["0.0"]["img_s"] / lo["0.0"]["img_s"]
         target("shards not below loose files at 0 ms", ratio0 >= 1,
                f"{ratio0:.2f}x ({sh['0.0']['img_s']} vs {lo['0.0']['img_s']} img/s)")
-    else:
+    elif reading:
         for name in ("shards: FS ops per image well under 1 (< 0.5)",
                      f"shards >= 5x img/s of loose files at {lat} ms, same threads",
                      "shards not below loose files at 0 ms"):
@@ -727,8 +728,11 @@ def report(startup: dict, reading: dict, targets: list, args) -> None:
                   f"train split tables {r['tables_mb']} MB; CPU {r['cpu_s_all_ranks']} s in "
                   f"all ranks + {r['fs_daemon_cpu_s']} s in the FS daemon "
                   f"({os.cpu_count()} cores); FS ops per rank: {fs_ops}")
-    print(f"\nepoch reading, Samples.read, {args.read_threads} threads, "
-          f"{args.read_images:,} images in the plan's order:")
+    if not reading:
+        print("\nepoch reading: not measured (--no-reading)")
+    else:
+        print(f"\nepoch reading, Samples.read, {args.read_threads} threads, "
+              f"{args.read_images:,} images in the plan's order:")
     for lay, res in reading.items():
         s = res["syscalls"]
         print(f"  {lay}: syscalls per image {s['syscalls_per_image'].get('total')} "
@@ -737,7 +741,7 @@ def report(startup: dict, reading: dict, targets: list, args) -> None:
         for lat, r in res["by_latency"].items():
             print(f"    {lat} ms FS: {r['img_s']:,} img/s (rounds {r['img_s_rounds']}), "
                   f"FS ops per image {r['fs_ops_per_image']}")
-    if "shards" not in reading:
+    if reading and "shards" not in reading:
         print("  shards: not available on this checkout")
     print("\ntargets:")
     for t in targets:
@@ -777,6 +781,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--read-images", type=int, default=20000)
     p.add_argument("--read-threads", type=int, default=4)
     p.add_argument("--read-rounds", type=int, default=3)
+    p.add_argument("--no-reading", action="store_true",
+                   help="start-up only: skip (c), and packing when --layout loose")
     args = p.parse_args(argv)
     if args.quick:
         args.entries, args.small_entries = 20000, 2000
@@ -808,14 +814,16 @@ def main(argv=None) -> int:
     try:
         exe = compile_fs(build_dir)
         layouts = {"loose": {"small": "train_list_small.txt", "big": "train_list.txt"}}
-        if pack_available():
+        if args.no_reading and args.layout == "loose":
+            pass  # nothing reads shards: do not pack them
+        elif pack_available():
             layouts["shards"] = {s: pack_shards(data, layouts["loose"][s]) for s in sizes}
         else:
             print("shards: not available on this checkout", flush=True)
         # --layout picks the start-up runs; reading always compares every layout there is
         startup = {lay: measure_startup(lay, lists, data, exe, args, sizes)
                    for lay, lists in layouts.items() if args.layout in (lay, "both")}
-        reading = measure_reading(layouts, data, exe, args)
+        reading = {} if args.no_reading else measure_reading(layouts, data, exe, args)
     finally:
         kill_children()
         unmount_all()
