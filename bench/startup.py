@@ -52,7 +52,11 @@ What is measured:
 (c) Epoch reading: Samples.read(i) of the first --read-images samples in the plan's
     order (ShardPlan, as the loader reads), on --read-threads threads, at 0 ms and at
     --latency-ms: img/s, syscalls per image (strace, between two markers) and file-system
-    operations per image (latency_fs counts).
+    operations per image (latency_fs counts). Each layout twice: in the whole-split
+    shuffle (DataLoader.shuffle_block 1), and in the block-local order of
+    --shuffle-block 64 / --shuffle-window 8 (rows `<layout>, blocks`), where ShardSamples
+    reads a block's span with one pread; loose files read one file per sample in either.
+    The shard targets are judged per order, always against loose files in that order.
 (d) With ppdpn.data.manifest on this checkout: the first run (which builds the manifest)
     timed apart, and the runs after it "with a valid manifest".
 
@@ -119,16 +123,17 @@ def pack_available() -> bool:
 
 def pack_shards(data_dir: Path, list_name: str) -> str:
     """INTEGRATION: pack the list's files into tar shards; returns DataLoader.train_list
-    (relative to the data folder) naming the shard index. Done once, reused."""
+    (relative to the data folder) naming the shard index. Done once, reused: data.pack
+    finds a complete pack with today's defaults and says so, resumes an interrupted
+    one, and replaces one of other settings (--overwrite)."""
     name = Path(list_name).stem
     index = Path(f"shards_{name}") / f"{name}.index.npz"
-    if not (data_dir / index).is_file():  # an interrupted pack resumes where it stopped
-        cmd = [sys.executable, "-m", "data.pack", "--root", str(data_dir), "--list", list_name,
-               "--out", str(data_dir / index.parent), "--name", name]
-        print("#", " ".join(cmd), flush=True)
-        t = time.time()
-        subprocess.run(cmd, check=True, cwd=REPO)
-        print(f"# packed in {time.time() - t:.0f} s", flush=True)
+    cmd = [sys.executable, "-m", "data.pack", "--root", str(data_dir), "--list", list_name,
+           "--out", str(data_dir / index.parent), "--name", name, "--overwrite"]
+    print("#", " ".join(cmd), flush=True)
+    t = time.time()
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    print(f"# packed (or found packed) in {time.time() - t:.0f} s", flush=True)
     return str(index)
 
 
@@ -139,10 +144,12 @@ def split_samples(image_root: str, train_list: str):
     return load_split(image_root, train_list)
 
 
-def read_order(num_samples: int, batch_size: int, seed: int):
-    """INTEGRATION: the order rank 0 of 1 reads epoch 0 in (LoaderBase's plan)."""
+def read_order(num_samples: int, batch_size: int, seed: int, block: int = 1, window: int = 1):
+    """INTEGRATION: the order rank 0 of 1 reads epoch 0 in (LoaderBase's plan), with
+    DataLoader.shuffle_block = block and shuffle_window = window."""
     from ppdpn.data.plan import ShardPlan
-    plan = ShardPlan(num_samples, 1, 0, batch_size, shuffle=True, seed=seed)
+    plan = ShardPlan(num_samples, 1, 0, batch_size, shuffle=True, seed=seed, block=block,
+                     window=window)
     return plan.batches(0)[0].reshape(-1)
 
 
@@ -392,7 +399,11 @@ def read_child(spec: dict) -> None:
     from concurrent.futures import ThreadPoolExecutor
     samples = split_samples(spec["root"], spec["train_list"])
     tables_mb = round(deep_bytes(samples) / 2**20, 1)
-    order = read_order(len(samples), spec["batch_size"], spec["seed"])[:spec["images"]].tolist()
+    block, window = spec["block"], spec["window"]
+    if block > 1 and hasattr(samples, "read_in_blocks"):  # as LoaderBase sets it up
+        samples.read_in_blocks(block, 2 * window)
+    order = read_order(len(samples), spec["batch_size"], spec["seed"], block,
+                       window)[:spec["images"]].tolist()
     before = fs_stats(spec["root"]) if spec["fs"] else {}
     if spec["mark"]:
         mark(spec["root"], "read")
@@ -563,9 +574,10 @@ def run_ranks(world: int, image_root: str, train_list: str, args, entries: int,
 
 
 def run_reader(image_root: str, train_list: str, args, fs: LatencyFS = None,
-               trace: Path = None) -> dict:
+               trace: Path = None, block: int = 1) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="startup_read_"))
     spec = {"root": image_root, "train_list": train_list, "images": args.read_images,
+            "block": block, "window": args.shuffle_window,
             "threads": args.read_threads, "batch_size": 64, "seed": 0, "fs": fs is not None,
             "mark": trace is not None, "out": str(tmp / "read.json")}
     cache_dropped = drop_caches()
@@ -610,20 +622,31 @@ def measure_startup(layout: str, lists: dict, data: Path, exe: Path, args, sizes
     return res
 
 
+def reading_rows(layouts: dict, args) -> dict:
+    """{row: (list file, shuffle_block)}: each layout in the whole-split shuffle and, with
+    --shuffle-block > 1, in the block-local order (`<layout>, blocks`)."""
+    rows = {lay: (lists["big"], 1) for lay, lists in layouts.items()}
+    if args.shuffle_block > 1:
+        rows.update({f"{lay}, blocks": (lists["big"], args.shuffle_block)
+                     for lay, lists in layouts.items()})
+    return rows
+
+
 def measure_reading(layouts: dict, data: Path, exe: Path, args) -> dict:
-    """(c) Samples.read over the plan's order, layouts interleaved in each round."""
-    res = {lay: {"syscalls": None, "by_latency": {}} for lay in layouts}
-    for lay, lists in layouts.items():
+    """(c) Samples.read over the plan's order, rows interleaved in each round."""
+    rows = reading_rows(layouts, args)
+    res = {row: {"syscalls": None, "by_latency": {}} for row in rows}
+    for row, (lst, block) in rows.items():
         trace = Path(tempfile.mkdtemp(prefix="startup_trace_")) / "trace"
-        res[lay]["syscalls"] = run_reader(str(data), lists["big"], args, trace=trace)
+        res[row]["syscalls"] = run_reader(str(data), lst, args, trace=trace, block=block)
     for lat in (0.0, args.latency_ms):
         with LatencyFS(exe, data, lat, args.fs_cache_s) as fs:
-            runs = {lay: [] for lay in layouts}
+            runs = {row: [] for row in rows}
             for r in range(args.read_rounds):
-                for lay, lists in layouts.items():
-                    print(f"# reading: {lay}, {lat} ms FS, round {r + 1}", flush=True)
-                    runs[lay].append(run_reader(fs.mnt, lists["big"], args, fs=fs))
-            for lay in layouts:
+                for row, (lst, block) in rows.items():
+                    print(f"# reading: {row}, {lat} ms FS, round {r + 1}", flush=True)
+                    runs[row].append(run_reader(fs.mnt, lst, args, fs=fs, block=block))
+            for lay in rows:
                 res[lay]["by_latency"][str(lat)] = {
                     "img_s": statistics.median(x["img_s"] for x in runs[lay]),
                     "img_s_rounds": [x["img_s"] for x in runs[lay]],
@@ -667,18 +690,21 @@ def judge(startup: dict, reading: dict, sizes: dict, args) -> list:
                f"({sizes['big']:,} entries)", max(tables) < 200 if tables else None,
                f"{max(tables)} MB ({what})" if tables else "no start-up run finished")
     lat = str(args.latency_ms)
-    if "shards" in reading:
-        sh, lo = reading["shards"]["by_latency"], reading["loose"]["by_latency"]
-        target("shards: FS ops per image well under 1 (< 0.5)",
+    for suffix, how in (("", "whole-split shuffle"),
+                        (", blocks", f"shuffle_block {args.shuffle_block}, window {args.shuffle_window}")):
+        if "shards" + suffix not in reading:
+            continue
+        sh, lo = reading["shards" + suffix]["by_latency"], reading["loose" + suffix]["by_latency"]
+        target(f"shards ({how}): FS ops per image well under 1 (< 0.5)",
                sh[lat]["fs_ops_per_image"] < 0.5,
                f"{sh[lat]['fs_ops_per_image']} (loose files {lo[lat]['fs_ops_per_image']})")
         ratio = sh[lat]["img_s"] / lo[lat]["img_s"]
-        target(f"shards >= 5x img/s of loose files at {lat} ms, same threads", ratio >= 5,
-               f"{ratio:.2f}x ({sh[lat]['img_s']} vs {lo[lat]['img_s']} img/s)")
+        target(f"shards ({how}) >= 5x img/s of loose files at {lat} ms, same threads and order",
+               ratio >= 5, f"{ratio:.2f}x ({sh[lat]['img_s']} vs {lo[lat]['img_s']} img/s)")
         ratio0 = sh["0.0"]["img_s"] / lo["0.0"]["img_s"]
-        target("shards not below loose files at 0 ms", ratio0 >= 1,
+        target(f"shards ({how}) not below loose files at 0 ms", ratio0 >= 1,
                f"{ratio0:.2f}x ({sh['0.0']['img_s']} vs {lo['0.0']['img_s']} img/s)")
-    elif reading:
+    if reading and "shards" not in reading:
         for name in ("shards: FS ops per image well under 1 (< 0.5)",
                      f"shards >= 5x img/s of loose files at {lat} ms, same threads",
                      "shards not below loose files at 0 ms"):
@@ -732,7 +758,8 @@ def report(startup: dict, reading: dict, targets: list, args) -> None:
         print("\nepoch reading: not measured (--no-reading)")
     else:
         print(f"\nepoch reading, Samples.read, {args.read_threads} threads, "
-              f"{args.read_images:,} images in the plan's order:")
+              f"{args.read_images:,} images in the plan's order (`, blocks`: shuffle_block "
+              f"{args.shuffle_block}, shuffle_window {args.shuffle_window}):")
     for lay, res in reading.items():
         s = res["syscalls"]
         print(f"  {lay}: syscalls per image {s['syscalls_per_image'].get('total')} "
@@ -781,6 +808,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--read-images", type=int, default=20000)
     p.add_argument("--read-threads", type=int, default=4)
     p.add_argument("--read-rounds", type=int, default=3)
+    p.add_argument("--shuffle-block", type=int, default=64,
+                   help="(c) also reads in DataLoader.shuffle_block's block-local order with "
+                        "this block (1: only the whole-split shuffle)")
+    p.add_argument("--shuffle-window", type=int, default=8, help="DataLoader.shuffle_window for it")
     p.add_argument("--no-reading", action="store_true",
                    help="start-up only: skip (c), and packing when --layout loose")
     args = p.parse_args(argv)
@@ -839,7 +870,8 @@ def main(argv=None) -> int:
                       "latency_ms": args.latency_ms, "fs_cache_s": args.fs_cache_s,
                       "config": args.config, "manifest": manifest_available(),
                       "layouts": list(layouts), "read_threads": args.read_threads,
-                      "read_images": args.read_images, "startup": startup, "reading": reading,
+                      "read_images": args.read_images, "shuffle_block": args.shuffle_block,
+                      "shuffle_window": args.shuffle_window, "startup": startup, "reading": reading,
                       "targets": targets}))
     return 0
 

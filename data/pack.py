@@ -3,10 +3,15 @@
 
     python -m data.pack --root /data/ILSVRC2012 --list train_list.txt
                         [--out /data/ILSVRC2012/shards] [--name train]
-                        [--shard-size 512MiB] [--drop-bad] [--threads 8] [--overwrite]
+                        [--shard-size 512MiB] [--order shuffled|list] [--seed 0]
+                        [--drop-bad] [--threads 8] [--overwrite]
 
 Writes <out>/<name>-000000.tar ... (ustar, webdataset member names `<key>.jpg` +
-`<key>.cls`) and <out>/<name>.index.npz; point DataLoader.train_list at the index.
+`<key>.cls`, the key being the sample's line in the list) and <out>/<name>.index.npz;
+point DataLoader.train_list at the index. The samples are stored in a seeded random
+order (--order shuffled, the default), so that a block of neighbouring samples, which
+DataLoader.shuffle_block reads at once, is not one class of a class-sorted list;
+--order list keeps the list's order.
 Every image gets the loaders' header check while it is packed; a bad one stops the
 pack (after naming every bad file) unless --drop-bad leaves it out. Every shard is
 written aside, fsynced, read back and checked member by member, then renamed: rerun
@@ -34,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `ppdpn` importable
 from data.shard_writer import (Prefetch, ShardWriter, entries_of, load_record,  # noqa: E402
                                quick_check, sample_bytes, verify_written)
 from ppdpn.data.check import find_duplicates  # noqa: E402
+from ppdpn.data.plan import hash_uniform  # noqa: E402
 from ppdpn.data.lists import (DataSetError, Samples, read_list, resolve_split,  # noqa: E402
                               scan_image_folder)
 from ppdpn.data.shards import (BLOCK, END_OF_ARCHIVE, INDEX_SUFFIX, KINDS,  # noqa: E402
@@ -46,6 +52,16 @@ DEFAULT_SHARD_SIZE = "512MiB"
 READ_AHEAD_PER_THREAD = 4
 _UNITS = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "t": 10 ** 12,
           "ki": 2 ** 10, "mi": 2 ** 20, "gi": 2 ** 30, "ti": 2 ** 40}
+_ORDER_STREAM = 101  # hash stream of the stored order, apart from the plan's streams
+
+
+def stored_order(n: int, order: str, seed: int) -> np.ndarray:
+    """List positions in the order the shards store them: 0..n-1, or a permutation
+    that is a pure function of (seed, n), so a resumed pack continues the same one."""
+    if order == "list":
+        return np.arange(n, dtype=np.int64)
+    keys = hash_uniform(seed, _ORDER_STREAM, 0, np.arange(n), 1)[:, 0]
+    return np.argsort(keys, kind="stable").astype(np.int64)
 
 
 class UsageError(Exception):
@@ -84,14 +100,19 @@ class Packer:
     """One pack run: keep the verified shards of an earlier run, write the rest."""
 
     def __init__(self, samples: Samples, source: str, source_sha256: str, out: str, name: str,
-                 shard_size: int, drop_bad: bool, threads: int):
-        self.samples, self.source, self.source_sha256 = samples, source, source_sha256
+                 shard_size: int, drop_bad: bool, threads: int, order: str = "shuffled",
+                 seed: int = 0):
+        # positions below are in stored order; self.keys maps them to list lines
+        self.keys = stored_order(len(samples), order, seed)
+        self.samples = samples if order == "list" else samples.subset(self.keys)
+        self.source, self.source_sha256 = source, source_sha256
         self.out, self.name, self.shard_size = out, name, shard_size
         self.drop_bad, self.threads = drop_bad, threads
         # What makes two packs of one list differ. Not --drop-bad: the shards before the
         # first bad file are the same either way (a shard holding a dropped file is
         # redone by a run without --drop-bad, which then stops at that file).
-        self.params = {"name": name, "shard_size": shard_size}
+        self.params = {"name": name, "shard_size": shard_size, "order": order,
+                       **({"seed": seed} if order == "shuffled" else {})}
         # Per-shard records (entries, sha256, sample range): what a resumed run keeps.
         self.work = os.path.join(out, f".{name}.pack")
         self.index_path = os.path.join(out, name + INDEX_SUFFIX)
@@ -260,10 +281,10 @@ class Packer:
             if rows and writer.size + sample_bytes(data.size) + END_OF_ARCHIVE > self.shard_size:
                 reader.unget((data, info))
                 break
-            key, label = member_key(at), int(self.samples.labels[at])
+            key, label = member_key(self.keys[at]), int(self.samples.labels[at])
             offset = writer.add(key + KINDS[info[2]], data)
             writer.add(key + ".cls", str(label).encode())
-            rows.append((at, offset, data.size, label, info[:2], info[2]))
+            rows.append((self.keys[at], offset, data.size, label, info[:2], info[2]))
         size, sha = writer.finish()
         entries = entries_of(rows)
         why = verify_written(writer.path, sha, size, entries)
@@ -291,7 +312,7 @@ class Packer:
             metas.append(meta)
         cat = {a: np.concatenate([p[a] for p in parts]) for a in parts[0]}
         shard = np.concatenate([np.full(len(p["key"]), k, np.int32) for k, p in enumerate(parts)])
-        dropped = [b[0] for m in metas for b in m["dropped"]]
+        dropped = [int(self.keys[b[0]]) for m in metas for b in m["dropped"]]
         if not len(shard):
             raise DataSetError(f"{self.source}: every file is bad")
         return ShardIndex(
@@ -341,6 +362,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output folder (default: <root>/shards)")
     p.add_argument("--name", help="shard and index name (default: from --list, train_list.txt -> train)")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help="target shard size (512MiB, 256MB, ...)")
+    p.add_argument("--order", choices=["shuffled", "list"], default="shuffled",
+                   help="sample order in the shards (default shuffled: see DataLoader.shuffle_block)")
+    p.add_argument("--seed", type=int, default=0, help="of --order shuffled")
     p.add_argument("--drop-bad", action="store_true", help="leave bad source files out instead of stopping")
     p.add_argument("--threads", type=int, default=8, help="threads reading source files")
     p.add_argument("--overwrite", action="store_true", help="replace a pack of another source in --out")
@@ -358,7 +382,7 @@ def main(argv=None) -> int:
         out = a.out or os.path.join(a.root, "shards")
         writable_dir(out)
         packer = Packer(samples, resolve_split(a.root, a.list), sha, out, name, shard_size,
-                        a.drop_bad, a.threads)
+                        a.drop_bad, a.threads, a.order, a.seed)
         return packer.run(a.overwrite)
     except UsageError as e:
         print(f"pack: {e}", file=sys.stderr)

@@ -133,6 +133,13 @@ class DataConfig:
     resize_short: int = _f(256, min=8)
     scale: List[float] = _f([0.08, 1.0])
     ratio: List[float] = _f([0.75, 1.3333333333333333])
+    shuffle_block: int = _f(1, min=1, doc="1: shuffle every train sample over the whole split. "
+                                          "N > 1: shuffle blocks of N consecutive sample ids, "
+                                          "then the samples of each shuffle_window blocks: a "
+                                          "reader of packed shards reads a block at once "
+                                          "(data/README.md)")
+    shuffle_window: int = _f(8, min=1, doc="blocks whose samples are shuffled together "
+                                           "(with shuffle_block > 1)")
     mixup_alpha: float = _f(0.0, min=0.0)
     cutmix_alpha: float = _f(0.0, min=0.0)
     drop_bad_files: bool = _f(False, doc="drop files failing the pre-flight check")

@@ -32,6 +32,40 @@ def test_shuffle_changes_with_epoch_and_is_reproducible():
     assert np.array_equal(epoch_order(5, 3, 0, False), np.arange(5))
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), block=st.integers(2, 20), window=st.integers(1, 5),
+       world=st.integers(1, 4), epoch=st.integers(0, 3))
+def test_block_shuffle_is_still_every_sample_once_and_keeps_blocks_together(
+        n, block, window, world, epoch):
+    plans = [ShardPlan(n, world, r, 8, shuffle=True, seed=7, block=block, window=window)
+             for r in range(world)]
+    seen = []
+    for p in plans:
+        idx, valid = p.batches(epoch)
+        seen += idx[valid == 1].tolist()
+    assert sorted(seen) == list(range(n))
+    order = epoch_order(n, 7, epoch, True, block, window)
+    # at most `window` blocks are ever begun and not finished: what a reader keeps
+    blocks = order // block
+    first = {b: k for k, b in reversed(list(enumerate(blocks.tolist())))}
+    last = {b: k for k, b in enumerate(blocks.tolist())}
+    for k in range(n):
+        assert sum(first[b] <= k <= last[b] for b in first) <= window
+
+
+def test_block_shuffle_mixes_blocks_and_changes_with_epoch():
+    n, block, window = 6400, 64, 8
+    a, b = (epoch_order(n, 3, e, True, block, window) for e in (0, 1))
+    assert not np.array_equal(a, b) and np.array_equal(a, epoch_order(n, 3, 0, True, block, window))
+    assert not np.array_equal(a, epoch_order(n, 3, 0, True))  # not the global shuffle
+    # a batch of 64 draws on several of its window's blocks, not on one
+    per_batch = [len(set((a[s:s + 64] // block).tolist())) for s in range(0, n, 64)]
+    assert min(per_batch) >= 4 and max(per_batch) <= window
+    # the block order is random: consecutive windows are not neighbouring blocks
+    firsts = [int(a[s:s + block * window].min()) // (block * window) for s in range(0, n, block * window)]
+    assert firsts != sorted(firsts)
+
+
 def test_hash_uniform_is_uniform_and_keyed():
     u = hash_uniform(1, 2, 3, np.arange(20000), 4)
     assert u.min() >= 0 and u.max() < 1

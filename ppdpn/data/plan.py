@@ -45,15 +45,30 @@ def hash_uniform(seed: int, stream: int, epoch: int, index: np.ndarray, draws: i
 
 
 # Distinct streams so the shuffle and the crops never reuse the same numbers.
-_SHUFFLE_STREAM, _CROP_STREAM = 1, 2
+_SHUFFLE_STREAM, _CROP_STREAM, _BLOCK_STREAM = 1, 2, 3
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The epoch's global order of sample indices: a hash-keyed permutation or 0..n-1."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, block: int = 1,
+                window: int = 1) -> np.ndarray:
+    """The epoch's global order of sample indices: a hash-keyed permutation or 0..n-1.
+
+    block > 1: a block-local shuffle. Samples are grouped into blocks of `block`
+    consecutive ids; the blocks are put in a random order, and the samples of each run
+    of `window` blocks in that order are shuffled together. Still a permutation (every
+    sample once per epoch), but a batch draws on a few blocks, so a reader of packed
+    shards serves many samples per read (FFCV's quasi-random order, webdataset's shard
+    shuffle). Sample ids must then not follow the classes: `data.pack` stores shuffled."""
     if not shuffle:
         return np.arange(n, dtype=np.int64)
     keys = hash_uniform(seed, _SHUFFLE_STREAM, epoch, np.arange(n), 1)[:, 0]
-    return np.argsort(keys, kind="stable").astype(np.int64)
+    if block <= 1:
+        return np.argsort(keys, kind="stable").astype(np.int64)
+    blocks = -(-n // block)
+    block_keys = hash_uniform(seed, _BLOCK_STREAM, epoch, np.arange(blocks), 1)[:, 0]
+    place = np.empty(blocks, dtype=np.int64)  # each block's place in the block order
+    place[np.argsort(block_keys, kind="stable")] = np.arange(blocks)
+    group = place[np.arange(n) // block] // max(1, window)
+    return np.lexsort((keys, group)).astype(np.int64)  # by window, then by key
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,8 @@ class ShardPlan:
     batch_size: int
     shuffle: bool
     seed: int
+    block: int = 1  # epoch_order's block-local shuffle: samples per block
+    window: int = 1  # blocks shuffled together
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -84,7 +101,7 @@ class ShardPlan:
     def batches(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
         """(sample index int64 [steps, B], valid float32 [steps, B]) of this rank."""
         n, world, per = self.num_samples, self.world_size, self.per_rank
-        order = epoch_order(n, self.seed, epoch, self.shuffle)
+        order = epoch_order(n, self.seed, epoch, self.shuffle, self.block, self.window)
         padded = np.resize(order, per * world)  # np.resize repeats from the start
         valid = (np.arange(per * world) < n).astype(np.float32)
         mine = slice(self.rank * per, (self.rank + 1) * per)  # contiguous block per rank

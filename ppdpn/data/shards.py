@@ -26,6 +26,7 @@ import io
 import json
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -254,13 +255,20 @@ class ShardSamples(Samples):
     Fds are opened lazily and shared by threads (pread needs no seek). A forked
     DataLoader worker notices the new pid and opens its own: the inherited ones share
     the parent's file descriptions, and closing or reopening them there is the child's
-    business only."""
+    business only.
+
+    With `read_in_blocks(block, keep)` (the loader calls it when DataLoader.shuffle_block
+    > 1), a read fetches the whole span of the sample's block (ids block*b .. block*b+b-1
+    in the same shard, stored side by side) with one pread and keeps the last `keep`
+    blocks; the other samples of the block are served from memory. One process, one set
+    of blocks: threads share it, forked workers each start their own."""
 
     def __init__(self, index: ShardIndex, source: str = ""):
         # Samples' constructor is not called: everything lives in the index's arrays,
         # and Samples' fields are properties here, whatever Samples stores itself.
         self.index = index
         self._source = source or index.folder
+        self.block, self.keep_blocks = 1, 0
         self._reset_fds()
 
     labels = property(lambda self: self.index.label)
@@ -269,14 +277,20 @@ class ShardSamples(Samples):
     rel_paths = property(lambda self: None)
     paths = property(lambda self: _Names(self))
 
+    def read_in_blocks(self, block: int, keep: int) -> None:
+        self.block, self.keep_blocks = int(block), max(1, int(keep))
+        self._reset_fds()
+
     def _reset_fds(self) -> None:
         self._fds: Dict[int, int] = {}
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._blocks: "OrderedDict[Tuple[int, int], Tuple[int, np.ndarray]]" = OrderedDict()
+        self._loading: Dict[Tuple[int, int], threading.Event] = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for k in ("_fds", "_pid", "_lock"):
+        for k in ("_fds", "_pid", "_lock", "_blocks", "_loading"):
             state.pop(k)
         return state
 
@@ -293,19 +307,25 @@ class ShardSamples(Samples):
     def close(self) -> None:
         with self._lock:
             fds, self._fds = self._fds, {}
+            self._blocks.clear()
         if self._pid == os.getpid():
             for fd in fds.values():
                 os.close(fd)
 
+    def _forked(self) -> None:
+        """In a forked child: drop the parent's fds (its file descriptions), blocks and
+        lock (another thread may have held it at the fork)."""
+        inherited = self._fds
+        self._reset_fds()
+        for fd in inherited.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def _fd(self, k: int) -> int:
-        if self._pid != os.getpid():  # forked: these are the parent's; open our own
-            inherited = self._fds
-            self._reset_fds()
-            for fd in inherited.values():
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        if self._pid != os.getpid():
+            self._forked()
         fd = self._fds.get(k)
         if fd is not None:
             return fd
@@ -327,13 +347,66 @@ class ShardSamples(Samples):
     def read(self, i: int) -> np.ndarray:
         """The image bytes of sample i as uint8; OSError when the shard is unreadable
         or shorter than the index says."""
-        size, offset = int(self.index.size[i]), int(self.index.offset[i])
+        if self.block > 1:
+            data = self._from_block(int(i))
+            if data is not None:
+                return data
+        return self._pread(int(self.index.shard[i]), int(self.index.offset[i]),
+                           int(self.index.size[i]))
+
+    def _pread(self, shard: int, offset: int, size: int) -> np.ndarray:
         data = np.empty(size, dtype=np.uint8)
-        got = os.preadv(self._fd(int(self.index.shard[i])), [data], offset) if size else 0
+        got = os.preadv(self._fd(shard), [data], offset) if size else 0
         if got != size:
             raise OSError(errno.EIO, f"shard ends inside this member ({got} of {size} bytes "
                                      f"at offset {offset})")
         return data
+
+    def _from_block(self, i: int) -> Optional[np.ndarray]:
+        """Sample i cut from its block's span, read once by whichever thread asked
+        first; None when the span cannot be read whole (a damaged shard: the sample's
+        own read then names the problem)."""
+        if self._pid != os.getpid():
+            self._forked()
+        key = (i // self.block, int(self.index.shard[i]))
+        span = self._span(key)
+        if span is None:
+            return None
+        start, data = span
+        lo = int(self.index.offset[i]) - start
+        return data[lo:lo + int(self.index.size[i])].copy()
+
+    def _span(self, key: Tuple[int, int]) -> Optional[Tuple[int, np.ndarray]]:
+        with self._lock:
+            span = self._blocks.get(key)
+            if span is not None:
+                self._blocks.move_to_end(key)
+                return span
+            loading = self._loading.get(key)
+            if loading is None:
+                self._loading[key] = threading.Event()
+        if loading is not None:  # another thread reads it: wait, then look again
+            loading.wait()
+            with self._lock:
+                return self._blocks.get(key)
+        span = None
+        try:
+            first = key[0] * self.block
+            ids = np.arange(first, min(first + self.block, len(self.index)))
+            ids = ids[self.index.shard[ids] == key[1]]
+            start = int(self.index.offset[ids].min())
+            end = int((self.index.offset[ids] + self.index.size[ids]).max())
+            span = start, self._pread(key[1], start, end - start)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                if span is not None:
+                    self._blocks[key] = span
+                    while len(self._blocks) > self.keep_blocks:
+                        self._blocks.popitem(last=False)
+                self._loading.pop(key).set()
+        return span
 
     def header(self, i: int) -> Tuple[int, int]:
         try:
