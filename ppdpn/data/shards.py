@@ -278,8 +278,9 @@ class ShardSamples(Samples):
     paths = property(lambda self: _Names(self))
 
     def read_in_blocks(self, block: int, keep: int) -> None:
-        self.block, self.keep_blocks = int(block), max(1, int(keep))
-        self._reset_fds()
+        with self._lock:
+            self.block, self.keep_blocks = int(block), max(1, int(keep))
+            self._blocks.clear()
 
     def _reset_fds(self) -> None:
         self._fds: Dict[int, int] = {}
