@@ -344,6 +344,10 @@ def _wait_for(predicate, proc, timeout=60):
         time.sleep(0.05)
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_pack_resumes_to_the_same_shards(tmp_path):
     """A source file that is a FIFO stops the pack mid-run for real; SIGINT, then
     SIGKILL, then the real file: the rerun keeps the verified shards, redoes a damaged
@@ -359,8 +363,10 @@ def test_interrupted_pack_resumes_to_the_same_shards(tmp_path):
            "--shard-size", SMALL, "--threads", "1", "--order", "list"]
     shards = root / "shards"
     for sig in (signal.SIGINT, signal.SIGKILL):
+        # SIGINT back to its default: a test run started in the background (nohup, `&`)
+        # hands SIG_IGN down, and Python then installs no KeyboardInterrupt handler
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=_default_sigint)
         _wait_for(lambda: list(shards.glob("*.partial")) and len(list(shards.glob("*.tar"))) >= 5,
                   proc)
         time.sleep(0.5)  # blocked in the FIFO now
