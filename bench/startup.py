@@ -400,8 +400,7 @@ def read_child(spec: dict) -> None:
     samples = split_samples(spec["root"], spec["train_list"])
     tables_mb = round(deep_bytes(samples) / 2**20, 1)
     block, window = spec["block"], spec["window"]
-    if block > 1 and hasattr(samples, "read_in_blocks"):  # as LoaderBase sets it up
-        samples.read_in_blocks(block, 2 * window)
+    samples.read_in_blocks(block, window)  # as LoaderBase sets it up
     order = read_order(len(samples), spec["batch_size"], spec["seed"], block,
                        window)[:spec["images"]].tolist()
     before = fs_stats(spec["root"]) if spec["fs"] else {}

@@ -57,6 +57,18 @@ def collect(loader, epoch, start=0):
     return out
 
 
+def epoch_on_every_rank(loaders, epoch):
+    """Each rank's batches of `epoch`, checked to be a whole epoch, and the labels of
+    the valid slots of all ranks, in rank order."""
+    per_rank, seen = [], []
+    for ld in loaders:
+        batches = collect(ld, epoch)
+        assert len(batches) == ld.steps_per_epoch
+        per_rank.append(batches)
+        seen += [x for _, labels, valid in batches for x in labels[valid == 1].tolist()]
+    return per_rank, seen
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_exactly_once_per_epoch_on_every_shard(odd_set, backend, world):
@@ -66,13 +78,9 @@ def test_exactly_once_per_epoch_on_every_shard(odd_set, backend, world):
     assert len({ld.steps_per_epoch for ld in loaders}) == 1
     orders = []
     for epoch in range(3):
-        seen = []
-        for ld in loaders:
-            batches = collect(ld, epoch)
-            assert len(batches) == ld.steps_per_epoch
-            for images, labels, valid in batches:
-                assert images.shape == (4, 3, 16, 16) and labels.dtype == np.int64
-                seen += labels[valid == 1].tolist()
+        per_rank, seen = epoch_on_every_rank(loaders, epoch)
+        for images, labels, _ in (b for batches in per_rank for b in batches):
+            assert images.shape == (4, 3, 16, 16) and labels.dtype == np.int64
         assert sorted(seen) == list(range(N_ODD))
         orders.append(seen)
     assert orders[0] != orders[1] != orders[2]  # shuffled per epoch

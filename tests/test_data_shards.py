@@ -20,7 +20,7 @@ from ppdpn.data.shards import ShardIndex, ShardSamples, parse_tar_header, tar_he
 from ppdpn.dist import DistContext
 from test_data_loaders import (BACKENDS, N_ODD, _two_epochs_see_all_but,
                                assert_resume_repeats_the_batches, cfg_for, collect,
-                               write_images)
+                               epoch_on_every_rank, write_images)
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = "8KiB"  # a few images per shard: the odd set makes a dozen shards
@@ -134,13 +134,7 @@ def test_exactly_once_per_epoch_on_shards(packed, backend, world):
                for r in range(world)]
     assert all(isinstance(ld.samples, ShardSamples) for ld in loaders)
     for epoch in range(2):
-        seen = []
-        for ld in loaders:
-            batches = collect(ld, epoch)
-            assert len(batches) == ld.steps_per_epoch
-            for _, labels, valid in batches:
-                seen += labels[valid == 1].tolist()
-        assert sorted(seen) == list(range(N_ODD))
+        assert sorted(epoch_on_every_rank(loaders, epoch)[1]) == list(range(N_ODD))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,7 +187,7 @@ def test_block_reads_serve_a_block_with_one_read(packed, monkeypatch):
     shards = load_split(str(packed), "shards/train.index.npz")
     block, window = 4, 2
     spans = {(i // block, int(shards.index.shard[i])) for i in range(N_ODD)}
-    shards.read_in_blocks(block, len(spans))  # nothing evicted: the count is exact
+    shards.read_in_blocks(block, len(spans))  # keeps 2 x that: nothing evicted, exact count
     order = ShardPlan(N_ODD, 1, 0, 5, True, 3, block, window).batches(0)[0].reshape(-1)[:N_ODD]
     calls = _count_preads(monkeypatch)
     with ThreadPoolExecutor(3) as pool:
@@ -210,17 +204,14 @@ def test_block_shuffle_on_shards_sees_every_sample_once_as_loose_files_do(packed
     loaders = [build_loader(shard_cfg(packed, backend, **kw), "train",
                             DistContext(rank=r, world_size=world), seed=5) for r in range(world)]
     assert loaders[0].samples.block == 4
+    loose = build_loader(cfg_for(packed, backend, **kw), "train",
+                         DistContext(rank=0, world_size=world), seed=5)
     for epoch in range(2):
-        seen = []
-        for r, ld in enumerate(loaders):
-            batches = collect(ld, epoch)
-            seen += [x for _, labels, valid in batches for x in labels[valid == 1].tolist()]
-            if r == 0:  # the same plan over loose files: the very same batches
-                same = build_loader(cfg_for(packed, backend, **kw), "train",
-                                    DistContext(rank=0, world_size=world), seed=5)
-                for (a, la, _), (b, lb, _) in zip(batches, collect(same, epoch)):
-                    assert np.array_equal(la, lb) and np.array_equal(a, b)
+        per_rank, seen = epoch_on_every_rank(loaders, epoch)
         assert sorted(seen) == list(range(N_ODD))
+        # the same plan over loose files: rank 0 gets the very same batches
+        for (a, la, _), (b, lb, _) in zip(per_rank[0], collect(loose, epoch)):
+            assert np.array_equal(la, lb) and np.array_equal(a, b)
     if world == 1:
         assert_resume_repeats_the_batches(shard_cfg(packed, backend, **kw))
 

@@ -125,9 +125,8 @@ class LoaderBase:
         self.plan = ShardPlan(len(samples), ctx.world_size, ctx.rank, self.batch_size,
                               shuffle=self.is_train, seed=self.seed,
                               block=cfg.shuffle_block, window=cfg.shuffle_window)
-        if cfg.shuffle_block > 1 and hasattr(samples, "read_in_blocks"):
-            # packed shards: one read serves a block (an eval split reads ids in order)
-            samples.read_in_blocks(cfg.shuffle_block, 2 * cfg.shuffle_window)
+        # packed shards: one read serves a block (an eval split reads ids in order)
+        samples.read_in_blocks(cfg.shuffle_block, cfg.shuffle_window)
         self.num_samples = len(samples)
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.image_size = cfg.image_size

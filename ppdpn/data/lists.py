@@ -70,6 +70,10 @@ class Samples:
         from ppdpn.data.check import image_header
         return image_header(self.paths[i])
 
+    def read_in_blocks(self, block: int, window: int) -> None:
+        """DataLoader.shuffle_block's reading: loose files are one file per sample in any
+        order, so nothing changes (packed shards read a block at once)."""
+
     def subset(self, keep: Sequence[int]) -> "Samples":
         keep = np.asarray(keep, dtype=np.int64).reshape(-1)
         return Samples(self.paths.take(keep), self.labels[keep], self.source)

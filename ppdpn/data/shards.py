@@ -257,10 +257,11 @@ class ShardSamples(Samples):
     the parent's file descriptions, and closing or reopening them there is the child's
     business only.
 
-    With `read_in_blocks(block, keep)` (the loader calls it when DataLoader.shuffle_block
-    > 1), a read fetches the whole span of the sample's block (ids block*b .. block*b+b-1
-    in the same shard, stored side by side) with one pread and keeps the last `keep`
-    blocks; the other samples of the block are served from memory. One process, one set
+    With `read_in_blocks(block, window)` (the loader passes DataLoader.shuffle_block and
+    shuffle_window), block > 1, a read fetches the whole span of the sample's block (ids
+    block*b .. block*b+b-1 in the same shard, stored side by side) with one pread and
+    keeps the last 2 * window spans (the plan never has more than `window` begun and
+    unfinished); the other samples of the block are served from memory. One process, one set
     of blocks: threads share it, forked workers each start their own."""
 
     def __init__(self, index: ShardIndex, source: str = ""):
@@ -269,7 +270,7 @@ class ShardSamples(Samples):
         self.index = index
         self._source = source or index.folder
         self.block, self.keep_blocks = 1, 0
-        self._reset_fds()
+        self._reset_process_state()
 
     labels = property(lambda self: self.index.label)
     sizes = property(lambda self: self.index.wh)  # (w, h) per sample, from the index
@@ -277,12 +278,13 @@ class ShardSamples(Samples):
     rel_paths = property(lambda self: None)
     paths = property(lambda self: _Names(self))
 
-    def read_in_blocks(self, block: int, keep: int) -> None:
+    def read_in_blocks(self, block: int, window: int) -> None:
         with self._lock:
-            self.block, self.keep_blocks = int(block), max(1, int(keep))
+            self.block, self.keep_blocks = int(block), 2 * max(1, int(window))
             self._blocks.clear()
 
-    def _reset_fds(self) -> None:
+    def _reset_process_state(self) -> None:
+        """Fds, lock and spans of this process (none yet)."""
         self._fds: Dict[int, int] = {}
         self._pid = os.getpid()
         self._lock = threading.Lock()
@@ -297,7 +299,7 @@ class ShardSamples(Samples):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._reset_fds()
+        self._reset_process_state()
 
     def __repr__(self) -> str:
         return f"ShardSamples({len(self)} samples in {len(self.index.shards)} shards of {self.source})"
@@ -317,7 +319,7 @@ class ShardSamples(Samples):
         """In a forked child: drop the parent's fds (its file descriptions), blocks and
         lock (another thread may have held it at the fork)."""
         inherited = self._fds
-        self._reset_fds()
+        self._reset_process_state()
         for fd in inherited.values():
             try:
                 os.close(fd)
@@ -325,8 +327,6 @@ class ShardSamples(Samples):
                 pass
 
     def _fd(self, k: int) -> int:
-        if self._pid != os.getpid():
-            self._forked()
         fd = self._fds.get(k)
         if fd is not None:
             return fd
@@ -348,6 +348,8 @@ class ShardSamples(Samples):
     def read(self, i: int) -> np.ndarray:
         """The image bytes of sample i as uint8; OSError when the shard is unreadable
         or shorter than the index says."""
+        if self._pid != os.getpid():
+            self._forked()
         if self.block > 1:
             data = self._from_block(int(i))
             if data is not None:
@@ -367,8 +369,6 @@ class ShardSamples(Samples):
         """Sample i cut from its block's span, read once by whichever thread asked
         first; None when the span cannot be read whole (a damaged shard: the sample's
         own read then names the problem)."""
-        if self._pid != os.getpid():
-            self._forked()
         key = (i // self.block, int(self.index.shard[i]))
         span = self._span(key)
         if span is None:
